@@ -1,0 +1,48 @@
+//! # crmsync
+//!
+//! A verified core for the two-way synchronisation between a CRM server and a user's Outlook
+//! mailbox, modelled on the Outlook client of Microsoft Dynamics CRM 2011.
+//!
+//! The core is *sans-IO*: [`plan()`] takes the queue of changes from both sides, the id mapping
+//! and the [`Policies`], and returns the ordered [`Action`]s of one sync run; [`settle()`] takes
+//! the state and one action's [`Outcome`] and returns the next state. Neither reads a clock, a
+//! file or a socket. The SQLite stores, the mailbox and the CRM service are adapters around it
+//! (feature `sqlite`), and the `crmsync` tool drives them (feature `cli`).
+//!
+//! What it is not: an Outlook add-in or a CRM server. It decides and records; the adapters write.
+//!
+//! The names follow `DOMAIN.md`; `ARCHITECTURE.md` maps the modules.
+
+#![deny(unsafe_code)]
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
+pub mod change;
+pub mod entity;
+pub mod fields;
+pub mod ids;
+pub mod mapping;
+pub mod merge;
+pub mod plan;
+pub mod policy;
+pub mod queue;
+pub mod settle;
+
+pub use change::{
+    ActivityStatus, Change, ChangeError, ChangeKind, ChangeOp, ChangeStamp, DeleteReason, Record, RecordKey,
+    Role, Side,
+};
+pub use entity::{EntityGroup, ObjectTypeCode, UnknownObjectTypeCode};
+pub use fields::{FieldPatch, Fields, FieldsError};
+pub use ids::{CrmId, EntryId, GlobalObjectId, IdError, VersionNumber};
+pub use mapping::{Mapping, MappingEntry, MappingError};
+pub use merge::{Merged, merge};
+pub use plan::{
+    Action, ActionOp, ActionOrder, DecisionRow, DropReason, LinkChange, PendingLink, Plan, PlanError,
+    RecordError, plan,
+};
+pub use policy::{
+    CrmDeletePolicy, DeleteRule, FieldConflictPolicy, FieldDirections, FieldSyncDirection, MassDeleteGuard,
+    OutlookDeletePolicy, Policies, UpdateVsDeletePolicy,
+};
+pub use queue::{CoalesceError, Coalesced, Net, Queue, QueueEntry, QueueError, QueueId, coalesce};
+pub use settle::{Applied, IgnoredError, ItemError, ItemErrorKind, Outcome, SyncState, settle};

@@ -1,0 +1,183 @@
+//! The `IdMappingTable` as a value: `CrmId` <-> `EntryId`, with the field values both sides agreed
+//! on at the last successful sync (the base of the three-way merge).
+//!
+//! Invariant: the mapping is a bijection. A `CrmId` maps to at most one `EntryId` and back, and no
+//! two mapped calendar items share a `GlobalObjectId`. `insert` refuses anything that would break
+//! it; `link` (used by `settle`) re-points instead, dropping the links it replaces.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::change::{ActivityStatus, Role};
+use crate::entity::ObjectTypeCode;
+use crate::fields::Fields;
+use crate::ids::{CrmId, EntryId, GlobalObjectId, VersionNumber};
+
+/// One linked pair and what both sides last agreed on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MappingEntry {
+    pub crm_id: CrmId,
+    pub entry_id: EntryId,
+    pub object_type: ObjectTypeCode,
+    /// The synchronised field values of the last agreed version.
+    pub base: Fields,
+    pub goid: Option<GlobalObjectId>,
+    pub role: Role,
+    pub status: ActivityStatus,
+    /// The newest CRM `VersionNumber` this pair agrees with. A CRM change at or below it is older
+    /// news (a late or repeated page) and is dropped.
+    pub crm_version: Option<VersionNumber>,
+}
+
+/// Why a mapping entry was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MappingError {
+    #[error("{crm_id} is already mapped (to {entry_id})")]
+    CrmIdTaken { crm_id: CrmId, entry_id: EntryId },
+    #[error("{entry_id} is already mapped (to {crm_id})")]
+    EntryIdTaken { entry_id: EntryId, crm_id: CrmId },
+    #[error("GlobalObjectId {goid} is already mapped (to {crm_id})")]
+    GoidTaken { goid: GlobalObjectId, crm_id: CrmId },
+}
+
+/// The `IdMappingTable`. Lookups by `CrmId`, `EntryId` and `GlobalObjectId`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Mapping {
+    by_crm: HashMap<CrmId, MappingEntry>,
+    by_entry: HashMap<EntryId, CrmId>,
+    by_goid: HashMap<GlobalObjectId, CrmId>,
+}
+
+impl Mapping {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a pair; refuses one that would break the bijection.
+    pub fn insert(&mut self, entry: MappingEntry) -> Result<(), MappingError> {
+        if let Some(old) = self.by_crm.get(&entry.crm_id) {
+            return Err(MappingError::CrmIdTaken { crm_id: entry.crm_id, entry_id: old.entry_id.clone() });
+        }
+        if let Some(crm_id) = self.by_entry.get(&entry.entry_id) {
+            return Err(MappingError::EntryIdTaken { entry_id: entry.entry_id, crm_id: *crm_id });
+        }
+        if let Some(goid) = &entry.goid {
+            if let Some(crm_id) = self.by_goid.get(goid) {
+                return Err(MappingError::GoidTaken { goid: goid.clone(), crm_id: *crm_id });
+            }
+        }
+        self.put(entry);
+        Ok(())
+    }
+
+    /// Links a pair, first dropping every link it would collide with (same `CrmId`, same
+    /// `EntryId`, same GOID). Returns the dropped entries other than an earlier version of this
+    /// pair; `plan` never produces a collision, so callers assert this is empty.
+    pub(crate) fn link(&mut self, entry: MappingEntry) -> Vec<MappingEntry> {
+        let mut displaced = Vec::new();
+        let mut drop_crm = |this: &mut Self, crm_id: CrmId| {
+            if let Some(old) = this.remove(crm_id) {
+                if old.crm_id != entry.crm_id || old.entry_id != entry.entry_id {
+                    displaced.push(old);
+                }
+            }
+        };
+        drop_crm(self, entry.crm_id);
+        if let Some(crm_id) = self.by_entry.get(&entry.entry_id).copied() {
+            drop_crm(self, crm_id);
+        }
+        if let Some(crm_id) = entry.goid.as_ref().and_then(|g| self.by_goid.get(g)).copied() {
+            drop_crm(self, crm_id);
+        }
+        self.put(entry);
+        displaced
+    }
+
+    fn put(&mut self, entry: MappingEntry) {
+        self.by_entry.insert(entry.entry_id.clone(), entry.crm_id);
+        if let Some(goid) = &entry.goid {
+            self.by_goid.insert(goid.clone(), entry.crm_id);
+        }
+        self.by_crm.insert(entry.crm_id, entry);
+    }
+
+    pub fn remove(&mut self, crm_id: CrmId) -> Option<MappingEntry> {
+        let old = self.by_crm.remove(&crm_id)?;
+        self.by_entry.remove(&old.entry_id);
+        if let Some(goid) = &old.goid {
+            self.by_goid.remove(goid);
+        }
+        Some(old)
+    }
+
+    pub fn get(&self, crm_id: CrmId) -> Option<&MappingEntry> {
+        self.by_crm.get(&crm_id)
+    }
+
+    pub fn crm_id_of(&self, entry_id: &EntryId) -> Option<CrmId> {
+        self.by_entry.get(entry_id).copied()
+    }
+
+    pub fn crm_id_of_goid(&self, goid: &GlobalObjectId) -> Option<CrmId> {
+        self.by_goid.get(goid).copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_crm.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_crm.is_empty()
+    }
+
+    /// The entries in no particular order (callers that need an order sort).
+    pub fn iter_unordered(&self) -> impl Iterator<Item = &MappingEntry> {
+        self.by_crm.values()
+    }
+
+    /// The entries in `CrmId` order.
+    pub fn entries(&self) -> Vec<&MappingEntry> {
+        let mut all: Vec<&MappingEntry> = self.by_crm.values().collect();
+        all.sort_unstable_by_key(|e| e.crm_id);
+        all
+    }
+
+    /// Checks the bijection invariant across the three indexes (for tests and debug assertions).
+    pub fn check_invariants(&self) -> Result<(), String> {
+        if self.by_entry.len() != self.by_crm.len() {
+            return Err(format!("{} CrmIds but {} EntryIds", self.by_crm.len(), self.by_entry.len()));
+        }
+        let goids = self.by_crm.values().filter(|e| e.goid.is_some()).count();
+        if goids != self.by_goid.len() {
+            return Err(format!("{goids} entries with a GOID but {} in the index", self.by_goid.len()));
+        }
+        for e in self.by_crm.values() {
+            if self.by_entry.get(&e.entry_id) != Some(&e.crm_id) {
+                return Err(format!("{} -> {} has no way back", e.crm_id, e.entry_id));
+            }
+            if let Some(goid) = &e.goid {
+                if self.by_goid.get(goid) != Some(&e.crm_id) {
+                    return Err(format!("GOID {goid} of {} is not indexed to it", e.crm_id));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Serialize for Mapping {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.entries())
+    }
+}
+
+impl<'de> Deserialize<'de> for Mapping {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let mut mapping = Mapping::new();
+        for entry in Vec::<MappingEntry>::deserialize(d)? {
+            mapping.insert(entry).map_err(serde::de::Error::custom)?;
+        }
+        Ok(mapping)
+    }
+}

@@ -1,0 +1,226 @@
+//! The three-way field merge against the mapping's base (DOMAIN section 5, the update/update row
+//! and per-field sync direction).
+//!
+//! For each field, with base `b` and the two sides' values `c` (CRM) and `o` (Outlook), a side
+//! without a change counting as unchanged (`= b`):
+//! - two-way: equal changes agree; a field changed on one side takes that side's value; a field
+//!   changed on both takes `FieldConflictPolicy`;
+//! - one-way: the source side's value, written to the other side only when the source side
+//!   changed (an edit on the other side is overwritten by the next change from the source);
+//! - not synchronised: left alone, and kept out of the base.
+//!
+//! Laws (property-tested): a side that did not change takes the other's values; equal changes
+//! agree; every result value is the base's or one side's. Pure: no IO, no clock.
+
+use std::cmp::Ordering;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::entity::ObjectTypeCode;
+use crate::fields::{FieldPatch, Fields};
+use crate::policy::{FieldConflictPolicy, FieldSyncDirection, Policies};
+
+/// The result of a merge: the new agreed values and what to write to each side to reach them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Merged {
+    /// The synchronised values both sides hold once the patches are written: the next base.
+    pub fields: Fields,
+    pub to_crm: FieldPatch,
+    pub to_outlook: FieldPatch,
+    /// Fields changed on both sides to different values, settled by `FieldConflictPolicy`.
+    pub conflicts: Vec<Arc<str>>,
+}
+
+type Value = Option<Arc<str>>;
+
+fn same(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
+        (None, None) => true,
+        _ => false,
+    }
+}
+
+/// Merges the two sides' field values against `base`. `None` for a side means it has no change.
+pub fn merge(
+    base: &Fields,
+    crm: Option<&Fields>,
+    outlook: Option<&Fields>,
+    object_type: ObjectTypeCode,
+    policies: &Policies,
+) -> Merged {
+    let two_way = policies.field_directions.all_two_way(object_type);
+    match (crm, outlook) {
+        (Some(side), None) | (None, Some(side)) if two_way => {
+            // One side changed and every field is two-way: its values are the result.
+            let patch = diff(base, side);
+            let (to_crm, to_outlook) =
+                if crm.is_some() { (FieldPatch::default(), patch) } else { (patch, FieldPatch::default()) };
+            return Merged { fields: side.clone(), to_crm, to_outlook, conflicts: Vec::new() };
+        }
+        _ => {}
+    }
+    merge_fields(base, crm, outlook, object_type, policies)
+}
+
+/// The patch that turns `from` into `to`.
+pub(crate) fn diff(from: &Fields, to: &Fields) -> FieldPatch {
+    if from.ptr_eq(to) {
+        return FieldPatch::default();
+    }
+    let mut edits = Vec::new();
+    walk(&[from.pairs(), to.pairs()], |name, vals| {
+        if !same(&vals[0], &vals[1]) {
+            edits.push((name.clone(), vals[1].clone()));
+        }
+    });
+    FieldPatch::from_sorted(edits)
+}
+
+fn merge_fields(
+    base: &Fields,
+    crm: Option<&Fields>,
+    outlook: Option<&Fields>,
+    object_type: ObjectTypeCode,
+    policies: &Policies,
+) -> Merged {
+    let crm_changed = crm.is_some();
+    let outlook_changed = outlook.is_some();
+    let crm = crm.unwrap_or(base);
+    let outlook = outlook.unwrap_or(base);
+    let mut result = Vec::new();
+    let mut to_crm = Vec::new();
+    let mut to_outlook = Vec::new();
+    let mut conflicts = Vec::new();
+    walk(&[base.pairs(), crm.pairs(), outlook.pairs()], |name, vals| {
+        let [b, c, o] = [&vals[0], &vals[1], &vals[2]];
+        let direction = policies.field_directions.get(object_type, name);
+        let (r, write_crm, write_outlook) = match direction {
+            FieldSyncDirection::TwoWay => {
+                let r = if same(c, o) || same(o, b) {
+                    c
+                } else if same(c, b) {
+                    o
+                } else {
+                    conflicts.push(name.clone());
+                    match policies.field_conflict {
+                        FieldConflictPolicy::CrmWins => c,
+                        FieldConflictPolicy::OutlookWins => o,
+                    }
+                };
+                (r, !same(r, c), !same(r, o))
+            }
+            FieldSyncDirection::CrmToOutlook => (c, false, crm_changed && !same(c, o)),
+            FieldSyncDirection::OutlookToCrm => (o, outlook_changed && !same(o, c), false),
+            FieldSyncDirection::None => return,
+        };
+        if let Some(v) = r {
+            result.push((name.clone(), v.clone()));
+        }
+        if write_crm {
+            to_crm.push((name.clone(), r.clone()));
+        }
+        if write_outlook {
+            to_outlook.push((name.clone(), r.clone()));
+        }
+    });
+    Merged {
+        fields: Fields::from_sorted(result),
+        to_crm: FieldPatch::from_sorted(to_crm),
+        to_outlook: FieldPatch::from_sorted(to_outlook),
+        conflicts,
+    }
+}
+
+/// Walks the union of the names of several sorted field lists in name order, handing each name
+/// with its value in each list (`None` where absent).
+fn walk<const N: usize>(lists: &[&[(Arc<str>, Arc<str>)]; N], mut visit: impl FnMut(&Arc<str>, &[Value; N])) {
+    let mut at = [0usize; N];
+    loop {
+        let mut next: Option<&Arc<str>> = None;
+        for (list, &i) in lists.iter().zip(&at) {
+            if let Some((name, _)) = list.get(i) {
+                if next.is_none_or(|n| name.as_ref().cmp(n.as_ref()) == Ordering::Less) {
+                    next = Some(name);
+                }
+            }
+        }
+        let Some(name) = next else { return };
+        let name = name.clone();
+        let vals: [Value; N] = std::array::from_fn(|l| match lists[l].get(at[l]) {
+            Some((n, v)) if *n == name => {
+                at[l] += 1;
+                Some(v.clone())
+            }
+            _ => None,
+        });
+        visit(&name, &vals);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::FieldDirections;
+
+    fn f(pairs: &[(&str, &str)]) -> Fields {
+        Fields::try_from_pairs(pairs.iter().copied()).unwrap()
+    }
+
+    #[test]
+    fn field_changed_on_one_side_takes_that_side() {
+        let base = f(&[("a", "1"), ("b", "1")]);
+        let crm = f(&[("a", "2"), ("b", "1")]);
+        let outlook = f(&[("a", "1"), ("b", "3")]);
+        let m = merge(&base, Some(&crm), Some(&outlook), ObjectTypeCode::Contact, &Policies::default());
+        assert_eq!(m.fields, f(&[("a", "2"), ("b", "3")]));
+        assert_eq!(m.to_crm.iter().collect::<Vec<_>>(), [("b", Some("3"))]);
+        assert_eq!(m.to_outlook.iter().collect::<Vec<_>>(), [("a", Some("2"))]);
+        assert!(m.conflicts.is_empty());
+    }
+
+    #[test]
+    fn conflict_follows_policy() {
+        let base = f(&[("a", "1")]);
+        let crm = f(&[("a", "2")]);
+        let outlook = f(&[("a", "3")]);
+        let mut p = Policies::default();
+        let m = merge(&base, Some(&crm), Some(&outlook), ObjectTypeCode::Contact, &p);
+        assert_eq!(m.fields, crm);
+        assert_eq!(m.conflicts, vec![Arc::<str>::from("a")]);
+        p.field_conflict = FieldConflictPolicy::OutlookWins;
+        let m = merge(&base, Some(&crm), Some(&outlook), ObjectTypeCode::Contact, &p);
+        assert_eq!(m.fields, outlook);
+        assert!(m.to_outlook.is_empty());
+    }
+
+    #[test]
+    fn removed_field_is_cleared_on_the_other_side() {
+        let base = f(&[("a", "1"), ("b", "1")]);
+        let crm = f(&[("a", "1")]);
+        let m = merge(&base, Some(&crm), None, ObjectTypeCode::Task, &Policies::default());
+        assert_eq!(m.to_outlook.iter().collect::<Vec<_>>(), [("b", None)]);
+        assert_eq!(m.fields, crm);
+    }
+
+    #[test]
+    fn one_way_fields_flow_only_from_their_source() {
+        let mut dirs = FieldDirections::default();
+        let contact = dirs.0.entry(ObjectTypeCode::Contact).or_default();
+        contact.insert("c2o".into(), FieldSyncDirection::CrmToOutlook);
+        contact.insert("none".into(), FieldSyncDirection::None);
+        let p = Policies { field_directions: dirs, ..Policies::default() };
+        let base = f(&[("c2o", "1"), ("none", "1")]);
+        // Outlook edits a CRM->Outlook field: nothing is written, the base keeps CRM's value.
+        let outlook = f(&[("c2o", "9"), ("none", "9")]);
+        let m = merge(&base, None, Some(&outlook), ObjectTypeCode::Contact, &p);
+        assert!(m.to_crm.is_empty() && m.to_outlook.is_empty());
+        assert_eq!(m.fields, f(&[("c2o", "1")]));
+        // The next CRM change overwrites the Outlook edit; the unsynchronised field stays apart.
+        let crm = f(&[("c2o", "1"), ("none", "5")]);
+        let m = merge(&base, Some(&crm), Some(&outlook), ObjectTypeCode::Contact, &p);
+        assert_eq!(m.to_outlook.iter().collect::<Vec<_>>(), [("c2o", Some("1"))]);
+        assert!(m.to_crm.is_empty());
+    }
+}

@@ -1,0 +1,937 @@
+//! Planning (DOMAIN section 4 step 4 and section 5): a pure function of (queue, mapping,
+//! policies) that groups the queue by record, coalesces each side, and decides one `Action` per
+//! record from the decision table.
+//!
+//! Architecture invariant: `plan` touches no IO, reads no clock and draws no randomness; its output
+//! depends only on its arguments, never on the order of the queue or of any hash map. Every queue
+//! entry is consumed by exactly one action, so settling every action empties the queue.
+//!
+//! A record whose changes are invalid (a change after a delete, two entity types for one key, an
+//! email, a duplicate meeting) becomes a `Reject` action: it stays queued with its error and never
+//! blocks the other records. Only a run-wide condition (the mass-delete guard) fails the plan.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::change::{ActivityStatus, ChangeKind, ChangeStamp, DeleteReason, Record, RecordKey, Role, Side};
+use crate::entity::{EntityGroup, ObjectTypeCode};
+use crate::fields::{FieldPatch, Fields};
+use crate::ids::{CrmId, EntryId, GlobalObjectId, VersionNumber};
+use crate::mapping::{Mapping, MappingEntry};
+use crate::merge::{Merged, merge};
+use crate::policy::{Policies, UpdateVsDeletePolicy};
+use crate::queue::{CoalesceError, Coalesced, Net, Queue, QueueEntry, QueueId, coalesce};
+
+/// The row of the decision table (DOMAIN section 5) that chose an action, named
+/// `server change / Outlook change / mapping`. Rows past the table are the documented policies
+/// for the cases it leaves open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum DecisionRow {
+    /// create/update | none | none: GOID search for appointments, else create in Outlook, map.
+    CrmChangeUnmapped,
+    /// create/update | none | present: update the Outlook item.
+    CrmChangeMapped,
+    /// delete (or left the filter) | none | present: `CrmDeletePolicy`.
+    CrmDeleteMapped,
+    /// delete | none | none: nothing; a delete for a record this client never held.
+    CrmDeleteUnmapped,
+    /// none | create | none: create in CRM with the client-chosen `CrmId`, map.
+    OutlookChangeUnmapped,
+    /// none | update | present: update the CRM record.
+    OutlookChangeMapped,
+    /// none | delete | present: `OutlookDeletePolicy`.
+    OutlookDeleteMapped,
+    /// update | update | present: three-way field merge.
+    BothUpdated,
+    /// update | delete | present (either way round): `UpdateVsDeletePolicy`.
+    UpdateVsDelete,
+    /// delete | delete | present: drop the mapping, no other write.
+    BothDeleted,
+    /// create | create | none, joined by GOID or by the stamped `CrmId`: link, merge with an
+    /// empty base.
+    BothCreatedLinked,
+    /// Policy: none | delete | none: an untracked item was deleted; nothing to do.
+    OutlookDeleteUnmapped,
+    /// Policy: every change of the record was no change (echo, stale, created and deleted
+    /// before it was ever synced, an Outlook edit of a CRM-to-Outlook-only entity).
+    NoChange,
+    /// Invalid input for this record; it stays queued with the error.
+    Invalid,
+}
+
+impl DecisionRow {
+    /// The row as the decision table writes it.
+    pub fn label(self) -> &'static str {
+        match self {
+            DecisionRow::CrmChangeUnmapped => "create/update | none | none",
+            DecisionRow::CrmChangeMapped => "create/update | none | present",
+            DecisionRow::CrmDeleteMapped => "delete | none | present",
+            DecisionRow::CrmDeleteUnmapped => "delete | none | none",
+            DecisionRow::OutlookChangeUnmapped => "none | create | none",
+            DecisionRow::OutlookChangeMapped => "none | update | present",
+            DecisionRow::OutlookDeleteMapped => "none | delete | present",
+            DecisionRow::BothUpdated => "update | update | present",
+            DecisionRow::UpdateVsDelete => "update | delete | present",
+            DecisionRow::BothDeleted => "delete | delete | present",
+            DecisionRow::BothCreatedLinked => "create | create | none",
+            DecisionRow::OutlookDeleteUnmapped => "none | delete | none",
+            DecisionRow::NoChange => "no change",
+            DecisionRow::Invalid => "invalid",
+        }
+    }
+}
+
+/// Why an action writes nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DropReason {
+    /// The update equals the mapping's base (a re-save, or the echo of the engine's own write).
+    Echo,
+    /// A CRM change at or below the version the mapping already agrees with (late or repeated).
+    Stale,
+    /// Created and deleted before it was ever synced.
+    NeverSynced,
+    /// A delete of a record or item this client does not hold.
+    NotHeld,
+    /// An Outlook edit of an entity that syncs CRM -> Outlook only; the next CRM change
+    /// overwrites it.
+    OneWayEntity,
+}
+
+/// The IO an action asks for. The engine performs it through the side's adapter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ActionOp {
+    /// Create an Outlook item stamped with `crm_id`. First look for an item already stamped with
+    /// it (a retried create finds its earlier effect); for an appointment with a GOID, then search
+    /// the mailbox by GOID and link a hit instead of creating (writing `fields` over it).
+    CreateInOutlook {
+        crm_id: CrmId,
+        fields: Fields,
+        goid_search: Option<GlobalObjectId>,
+    },
+    /// Create the CRM record `crm_id` (the client-chosen id; a retry with the same id and fields
+    /// is a success) and stamp the Outlook item `entry_id` with it.
+    CreateInCrm {
+        crm_id: CrmId,
+        entry_id: EntryId,
+        fields: Fields,
+    },
+    /// Write the patches (an empty one writes nothing) and stamp the item with `crm_id`.
+    Update {
+        crm_id: CrmId,
+        entry_id: EntryId,
+        to_crm: FieldPatch,
+        to_outlook: FieldPatch,
+    },
+    DeleteInOutlook {
+        crm_id: CrmId,
+        entry_id: EntryId,
+    },
+    DeleteInCrm {
+        crm_id: CrmId,
+        entry_id: EntryId,
+    },
+    /// Stop tracking the pair: both copies stay; the item loses its stamp.
+    Untrack {
+        crm_id: CrmId,
+        entry_id: EntryId,
+    },
+    /// Nothing to write; settle only removes the queue entries.
+    Drop {
+        why: DropReason,
+    },
+    /// Invalid input: settled as a failure carrying the error.
+    Reject {
+        error: RecordError,
+    },
+}
+
+/// A mapping entry an action will insert; `entry_id` is `None` when the Outlook item is only
+/// known once the action ran (a create in Outlook), and then comes from the outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingLink {
+    pub crm_id: CrmId,
+    pub entry_id: Option<EntryId>,
+    pub object_type: ObjectTypeCode,
+    pub base: Fields,
+    pub goid: Option<GlobalObjectId>,
+    pub role: Role,
+    pub status: ActivityStatus,
+    pub crm_version: Option<VersionNumber>,
+}
+
+/// What the mapping becomes when an action succeeds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LinkChange {
+    Keep,
+    /// Insert or update this pair (re-pointing the `CrmId` when the item is new).
+    Link(PendingLink),
+    Remove(CrmId),
+    /// Remove the old pair, link the new one (a CRM record re-created under a new id).
+    Replace {
+        remove: CrmId,
+        link: PendingLink,
+    },
+}
+
+/// Where an action sits in the run: by change kind, then change timestamp, ties broken by key.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ActionOrder {
+    pub kind: ChangeKind,
+    pub stamp: ChangeStamp,
+    pub key: RecordKey,
+}
+
+/// One decision: the IO to perform, what the mapping becomes on success, and the queue entries
+/// it settles.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Action {
+    pub order: ActionOrder,
+    pub object_type: ObjectTypeCode,
+    pub row: DecisionRow,
+    pub op: ActionOp,
+    pub link: LinkChange,
+    /// Fields changed on both sides and settled by `FieldConflictPolicy`.
+    pub conflicts: Vec<String>,
+    /// The queue entries this action settles, in id order.
+    pub consumed: Vec<QueueId>,
+}
+
+/// Why one record's changes were refused. The record stays queued with this error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum RecordError {
+    #[error(transparent)]
+    Coalesce(#[from] CoalesceError),
+    #[error("{key}: {object_type} is tracked, not synchronised by this process")]
+    NotSynchronised { key: RecordKey, object_type: ObjectTypeCode },
+    #[error("{key}: a {object_type} syncs CRM -> Outlook only; it cannot be created in Outlook")]
+    OneWayEntity { key: RecordKey, object_type: ObjectTypeCode },
+    #[error("{key}: the CRM side has it as a {crm}, the Outlook side as a {outlook}")]
+    TypeMismatch { key: RecordKey, crm: ObjectTypeCode, outlook: ObjectTypeCode },
+    #[error("{key}: meeting {goid} is already synced as {holder}")]
+    DuplicateGoid { key: RecordKey, goid: GlobalObjectId, holder: CrmId },
+    #[error("{entry_id} is stamped with {crm_id}, which is mapped to another item {holder}")]
+    StampTaken { entry_id: EntryId, crm_id: CrmId, holder: EntryId },
+    #[error("{entry_id}: an untracked item's change carries no CrmId to create it under")]
+    MissingCrmId { entry_id: EntryId },
+}
+
+/// Why a whole plan was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error(
+        "this run would delete {deletes} of the {mapped} mapped records in {side} \
+         (more than {percent_max}%); confirm to go on"
+    )]
+    MassDelete { side: Side, deletes: usize, mapped: usize, percent_max: u8 },
+}
+
+/// The ordered actions of one sync run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    pub actions: Vec<Action>,
+}
+
+/// Plans one sync run. See the module doc for the guarantees.
+pub fn plan(queue: &Queue, mapping: &Mapping, policies: &Policies) -> Result<Plan, PlanError> {
+    let mut planner = Planner { mapping, policies, claimed_goids: HashMap::new(), actions: Vec::new() };
+    let (crm_nets, outlook_nets) = planner.coalesce_all(queue);
+    let groups = planner.join(crm_nets, outlook_nets);
+    planner.actions.reserve(groups.len());
+    for group in groups {
+        let action = planner.decide(group);
+        planner.actions.push(action);
+    }
+    let mut actions = planner.actions;
+    check_mass_delete(&actions, mapping, policies)?;
+    actions.sort_unstable_by(|a, b| a.order.cmp(&b.order));
+    Ok(Plan { actions })
+}
+
+fn check_mass_delete(actions: &[Action], mapping: &Mapping, policies: &Policies) -> Result<(), PlanError> {
+    let (mut in_outlook, mut in_crm) = (0, 0);
+    for action in actions {
+        match action.op {
+            ActionOp::DeleteInOutlook { .. } => in_outlook += 1,
+            ActionOp::DeleteInCrm { .. } => in_crm += 1,
+            _ => {}
+        }
+    }
+    let guard = policies.mass_delete;
+    for (side, deletes) in [(Side::Outlook, in_outlook), (Side::Crm, in_crm)] {
+        if guard.trips(deletes, mapping.len()) {
+            return Err(PlanError::MassDelete {
+                side,
+                deletes,
+                mapped: mapping.len(),
+                percent_max: guard.percent_max,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The changes of one record from both sides, joined, with its mapping.
+struct Group<'m> {
+    crm: Option<Coalesced>,
+    outlook: Option<Coalesced>,
+    mapped: Option<&'m MappingEntry>,
+}
+
+struct Planner<'m> {
+    mapping: &'m Mapping,
+    policies: &'m Policies,
+    /// GOIDs of meetings this plan creates or links, so no two end in two items.
+    claimed_goids: HashMap<GlobalObjectId, CrmId>,
+    actions: Vec<Action>,
+}
+
+impl<'m> Planner<'m> {
+    /// Groups the queue by key and coalesces each group. Invalid groups become `Reject` actions.
+    /// Returns the CRM nets sorted by `CrmId` and the Outlook nets sorted by `EntryId`.
+    fn coalesce_all(&mut self, queue: &Queue) -> (Vec<Coalesced>, Vec<Coalesced>) {
+        let mut entries: Vec<&QueueEntry> = queue.iter_unordered().collect();
+        entries.sort_unstable_by(|a, b| a.change.key().cmp(b.change.key()).then(a.id.cmp(&b.id)));
+        let (mut crm, mut outlook) = (Vec::new(), Vec::new());
+        for run in entries.chunk_by(|a, b| a.change.key() == b.change.key()) {
+            match coalesce(run) {
+                Ok(net) if net.key.side() == Side::Crm => crm.push(net),
+                Ok(net) => outlook.push(net),
+                Err(error) => {
+                    let head = &run[0].change;
+                    let order =
+                        ActionOrder { kind: head.kind(), stamp: head.stamp(), key: head.key().clone() };
+                    let consumed = run.iter().map(|e| e.id).collect();
+                    self.actions.push(reject(order, head.object_type(), consumed, error.into()));
+                }
+            }
+        }
+        (crm, outlook)
+    }
+
+    /// Joins each Outlook net to its CRM net: through the mapping, else (unmapped) by the stamped
+    /// `CrmId`, else for a new meeting by GOID.
+    fn join(&mut self, crm_nets: Vec<Coalesced>, outlook_nets: Vec<Coalesced>) -> Vec<Group<'m>> {
+        let crm_id_of = |net: &Coalesced| match net.key {
+            RecordKey::Crm(id) => id,
+            RecordKey::Outlook(_) => unreachable!("CRM nets are keyed by CrmId"),
+        };
+        let mut crm_slots: Vec<Option<Coalesced>> = crm_nets.into_iter().map(Some).collect();
+        let find = |slots: &[Option<Coalesced>], id: CrmId| {
+            slots.binary_search_by(|s| s.as_ref().map(crm_id_of).cmp(&Some(id))).ok()
+        };
+        // New meetings from the server, by GOID, for the create/create row.
+        let mut new_meetings: HashMap<GlobalObjectId, usize> = HashMap::new();
+        for (i, net) in crm_slots.iter().enumerate() {
+            let net = net.as_ref().expect("all slots are full before joining");
+            if let (Some(goid), None) =
+                (net.net.record().and_then(|r| r.goid.as_ref()), self.mapping.get(crm_id_of(net)))
+            {
+                new_meetings.entry(goid.clone()).or_insert(i);
+            }
+        }
+
+        let mut groups = Vec::with_capacity(crm_slots.len() + outlook_nets.len());
+        for net in outlook_nets {
+            let RecordKey::Outlook(entry_id) = &net.key else {
+                unreachable!("Outlook nets are keyed by EntryId")
+            };
+            let mapped_id = self.mapping.crm_id_of(entry_id);
+            let partner = match (mapped_id, net.net.record()) {
+                (Some(id), _) => find(&crm_slots, id),
+                (None, Some(record)) => record
+                    .crm_id
+                    .filter(|id| self.mapping.get(*id).is_none())
+                    .and_then(|id| find(&crm_slots, id))
+                    .or_else(|| {
+                        let goid = record.goid.as_ref()?;
+                        (net.net.kind() == ChangeKind::Create).then_some(())?;
+                        new_meetings.get(goid).copied()
+                    }),
+                (None, None) => None,
+            };
+            let crm = partner.and_then(|i| crm_slots[i].take());
+            let mapped = mapped_id.and_then(|id| self.mapping.get(id));
+            groups.push(Group { crm, outlook: Some(net), mapped });
+        }
+        for net in crm_slots.into_iter().flatten() {
+            let mapped = self.mapping.get(crm_id_of(&net));
+            groups.push(Group { crm: Some(net), outlook: None, mapped });
+        }
+        // Decide in key order, so which of two duplicate meetings wins never depends on input order.
+        groups.sort_unstable_by(|a, b| group_key(a).cmp(group_key(b)));
+        groups
+    }
+
+    fn decide(&mut self, group: Group<'m>) -> Action {
+        let Group { crm, outlook, mapped } = group;
+        let primary = crm.as_ref().or(outlook.as_ref()).expect("a group has at least one side");
+        let order = ActionOrder { kind: primary.net.kind(), stamp: primary.stamp, key: primary.key.clone() };
+        let mut consumed: Vec<QueueId> =
+            crm.iter().chain(&outlook).flat_map(|c| c.consumed.iter().copied()).collect();
+        consumed.sort_unstable();
+        let object_type = primary.object_type;
+        let ctx = Ctx { order, object_type, consumed };
+
+        if let (Some(c), Some(o)) = (&crm, &outlook) {
+            if c.object_type != o.object_type {
+                let error = RecordError::TypeMismatch {
+                    key: c.key.clone(),
+                    crm: c.object_type,
+                    outlook: o.object_type,
+                };
+                return ctx.reject(error);
+            }
+        }
+        if let Some(m) = mapped {
+            if m.object_type != object_type {
+                let (crm_t, outlook_t) =
+                    if crm.is_some() { (object_type, m.object_type) } else { (m.object_type, object_type) };
+                let error =
+                    RecordError::TypeMismatch { key: primary.key.clone(), crm: crm_t, outlook: outlook_t };
+                return ctx.reject(error);
+            }
+        }
+        if object_type.group() == EntityGroup::NotSynchronised {
+            return ctx.reject(RecordError::NotSynchronised { key: primary.key.clone(), object_type });
+        }
+
+        let mut dropped = None;
+        let crm_side = crm.as_ref().and_then(|c| self.normalise(c, mapped, Side::Crm, &mut dropped));
+        let outlook_side = match &outlook {
+            Some(o) if !object_type.syncs_outlook_to_crm() => match &o.net {
+                Net::Create(_) => {
+                    return ctx.reject(RecordError::OneWayEntity { key: o.key.clone(), object_type });
+                }
+                Net::Update(_) => {
+                    dropped = Some(DropReason::OneWayEntity);
+                    None
+                }
+                _ => self.normalise(o, mapped, Side::Outlook, &mut dropped),
+            },
+            Some(o) => self.normalise(o, mapped, Side::Outlook, &mut dropped),
+            None => None,
+        };
+        let entry_id_of = |o: &Option<Coalesced>| match o.as_ref().map(|o| &o.key) {
+            Some(RecordKey::Outlook(e)) => Some(e.clone()),
+            _ => None,
+        };
+
+        use Upsert::*;
+        match (crm_side, outlook_side, mapped) {
+            (None, None, _) => {
+                let why = dropped.unwrap_or(DropReason::NotHeld);
+                ctx.act(DecisionRow::NoChange, ActionOp::Drop { why }, LinkChange::Keep, vec![])
+            }
+            (Some(Write(c)), None, None) => self.create_in_outlook(ctx, &crm, c),
+            (Some(Write(c)), None, Some(m)) => {
+                self.update(ctx, DecisionRow::CrmChangeMapped, m, Some(c), None, crm_version(&crm))
+            }
+            (Some(Gone(_)), None, Some(m)) => self.crm_delete(ctx, DecisionRow::CrmDeleteMapped, m),
+            (Some(Gone(_)), None, None) => ctx.act(
+                DecisionRow::CrmDeleteUnmapped,
+                ActionOp::Drop { why: DropReason::NotHeld },
+                LinkChange::Keep,
+                vec![],
+            ),
+            (None, Some(Write(o)), None) => {
+                let entry_id = entry_id_of(&outlook).expect("an Outlook net is keyed by EntryId");
+                self.create_in_crm(ctx, entry_id, o)
+            }
+            (None, Some(Write(o)), Some(m)) => {
+                self.update(ctx, DecisionRow::OutlookChangeMapped, m, None, Some(o), m.crm_version)
+            }
+            (None, Some(Gone(_)), Some(m)) => self.outlook_delete(ctx, DecisionRow::OutlookDeleteMapped, m),
+            (None, Some(Gone(_)), None) => ctx.act(
+                DecisionRow::OutlookDeleteUnmapped,
+                ActionOp::Drop { why: DropReason::NotHeld },
+                LinkChange::Keep,
+                vec![],
+            ),
+            (Some(Write(c)), Some(Write(o)), Some(m)) => {
+                self.update(ctx, DecisionRow::BothUpdated, m, Some(c), Some(o), crm_version(&crm))
+            }
+            (Some(Write(c)), Some(Write(o)), None) => {
+                let entry_id = entry_id_of(&outlook).expect("an Outlook net is keyed by EntryId");
+                self.link_new(ctx, entry_id, c, o, crm_version(&crm))
+            }
+            (Some(Write(c)), Some(Gone(_)), Some(m)) => match self.policies.update_vs_delete {
+                UpdateVsDeletePolicy::UpdateWins => {
+                    let merged = merge(&m.base, Some(&c.fields), None, object_type, self.policies);
+                    let op = ActionOp::CreateInOutlook {
+                        crm_id: m.crm_id,
+                        fields: merged.fields.clone(),
+                        goid_search: None,
+                    };
+                    let link = pending(
+                        m.crm_id,
+                        None,
+                        object_type,
+                        merged.fields,
+                        Some(c),
+                        None,
+                        m,
+                        crm_version(&crm),
+                    );
+                    ctx.act(DecisionRow::UpdateVsDelete, op, LinkChange::Link(link), vec![])
+                }
+                UpdateVsDeletePolicy::DeleteWins => self.outlook_delete(ctx, DecisionRow::UpdateVsDelete, m),
+            },
+            (Some(Gone(reason)), Some(Write(o)), Some(m)) => match (reason, self.policies.update_vs_delete) {
+                // The record still exists in CRM, out of this user's filter: both copies stay,
+                // the edited item untracked, so neither the edit nor the record is lost.
+                (DeleteReason::LeftFilter, _) => ctx.act(
+                    DecisionRow::UpdateVsDelete,
+                    ActionOp::Untrack { crm_id: m.crm_id, entry_id: m.entry_id.clone() },
+                    LinkChange::Remove(m.crm_id),
+                    vec![],
+                ),
+                (DeleteReason::Deleted, UpdateVsDeletePolicy::UpdateWins) => {
+                    let merged = merge(&m.base, None, Some(&o.fields), object_type, self.policies);
+                    let new_id = m.crm_id.successor();
+                    let op = ActionOp::CreateInCrm {
+                        crm_id: new_id,
+                        entry_id: m.entry_id.clone(),
+                        fields: merged.fields.clone(),
+                    };
+                    let link = pending(
+                        new_id,
+                        Some(m.entry_id.clone()),
+                        object_type,
+                        merged.fields,
+                        None,
+                        Some(o),
+                        m,
+                        None,
+                    );
+                    ctx.act(
+                        DecisionRow::UpdateVsDelete,
+                        op,
+                        LinkChange::Replace { remove: m.crm_id, link },
+                        vec![],
+                    )
+                }
+                (DeleteReason::Deleted, UpdateVsDeletePolicy::DeleteWins) => {
+                    self.crm_delete(ctx, DecisionRow::UpdateVsDelete, m)
+                }
+            },
+            (Some(Gone(_)), Some(Gone(_)), Some(m)) => ctx.act(
+                DecisionRow::BothDeleted,
+                ActionOp::Untrack { crm_id: m.crm_id, entry_id: m.entry_id.clone() },
+                LinkChange::Remove(m.crm_id),
+                vec![],
+            ),
+            // Joined by the stamp: the record was deleted in CRM before the item created for it
+            // was ever mapped. The item stays, untracked.
+            (Some(Gone(_)), Some(Write(_)), None) => {
+                let crm_id = crm.as_ref().map(|c| crm_id_key(&c.key)).expect("CRM side present");
+                let entry_id = entry_id_of(&outlook).expect("Outlook side present");
+                ctx.act(
+                    DecisionRow::CrmDeleteUnmapped,
+                    ActionOp::Untrack { crm_id, entry_id },
+                    LinkChange::Keep,
+                    vec![],
+                )
+            }
+            // Unmapped Outlook deletes are never joined, so these cannot meet; treat the CRM side
+            // alone, consuming both.
+            (Some(Write(c)), Some(Gone(_)), None) => self.create_in_outlook(ctx, &crm, c),
+            (Some(Gone(_)), Some(Gone(_)), None) => ctx.act(
+                DecisionRow::CrmDeleteUnmapped,
+                ActionOp::Drop { why: DropReason::NotHeld },
+                LinkChange::Keep,
+                vec![],
+            ),
+        }
+    }
+
+    /// Reduces one side's net change against the mapping: drops echoes and stale changes, turns a
+    /// create of a held record into an update and a created-then-deleted held record into a delete.
+    fn normalise<'c>(
+        &self,
+        net: &'c Coalesced,
+        mapped: Option<&MappingEntry>,
+        side: Side,
+        dropped: &mut Option<DropReason>,
+    ) -> Option<Upsert<'c>> {
+        let mut drop = |why| {
+            dropped.get_or_insert(why);
+            None
+        };
+        match (&net.net, mapped) {
+            (Net::Delete(why), _) => Some(Upsert::Gone(*why)),
+            (Net::CreatedThenDeleted(why), Some(_)) => Some(Upsert::Gone(*why)),
+            (Net::CreatedThenDeleted(_), None) => drop(DropReason::NeverSynced),
+            (Net::Create(r) | Net::Update(r), None) => Some(Upsert::Write(r)),
+            (Net::Create(r) | Net::Update(r), Some(m)) => {
+                if let (ChangeStamp::Crm(v), Some(agreed)) = (net.stamp, m.crm_version) {
+                    if v <= agreed {
+                        return drop(DropReason::Stale);
+                    }
+                }
+                if self.is_echo(&r.fields, m, side) {
+                    return drop(DropReason::Echo);
+                }
+                Some(Upsert::Write(r))
+            }
+        }
+    }
+
+    /// Whether every field that flows out of `side` equals the base: the change changes nothing
+    /// the other side would receive.
+    fn is_echo(&self, fields: &Fields, m: &MappingEntry, side: Side) -> bool {
+        let dirs = &self.policies.field_directions;
+        if dirs.all_two_way(m.object_type) {
+            return fields == &m.base;
+        }
+        let flows = |name: &str| {
+            let d = dirs.get(m.object_type, name);
+            match side {
+                Side::Crm => d.flows_to_outlook(),
+                Side::Outlook => d.flows_to_crm(),
+            }
+        };
+        fields.filtered(flows) == m.base.filtered(flows)
+    }
+
+    fn create_in_outlook(&mut self, ctx: Ctx, crm: &Option<Coalesced>, record: &Record) -> Action {
+        let crm_id = crm.as_ref().map(|c| crm_id_key(&c.key)).expect("CRM side present");
+        if let Some(goid) = &record.goid {
+            if let Err(holder) = self.claim_goid(goid, crm_id) {
+                return ctx.reject(RecordError::DuplicateGoid {
+                    key: RecordKey::Crm(crm_id),
+                    goid: goid.clone(),
+                    holder,
+                });
+            }
+        }
+        let merged = merge(&Fields::empty(), Some(&record.fields), None, ctx.object_type, self.policies);
+        let goid_search = record.goid.clone().filter(|_| ctx.object_type.is_calendar());
+        let op = ActionOp::CreateInOutlook { crm_id, fields: merged.fields.clone(), goid_search };
+        let link = PendingLink {
+            crm_id,
+            entry_id: None,
+            object_type: ctx.object_type,
+            base: merged.fields,
+            goid: record.goid.clone(),
+            role: record.role,
+            status: record.status,
+            crm_version: crm_version(crm),
+        };
+        ctx.act(DecisionRow::CrmChangeUnmapped, op, LinkChange::Link(link), vec![])
+    }
+
+    fn create_in_crm(&mut self, ctx: Ctx, entry_id: EntryId, record: &Record) -> Action {
+        let Some(crm_id) = record.crm_id else {
+            return ctx.reject(RecordError::MissingCrmId { entry_id });
+        };
+        if let Some(holder) = self.mapping.get(crm_id) {
+            let holder = holder.entry_id.clone();
+            return ctx.reject(RecordError::StampTaken { entry_id, crm_id, holder });
+        }
+        if let Some(goid) = &record.goid {
+            if let Err(holder) = self.claim_goid(goid, crm_id) {
+                return ctx.reject(RecordError::DuplicateGoid {
+                    key: RecordKey::Outlook(entry_id),
+                    goid: goid.clone(),
+                    holder,
+                });
+            }
+        }
+        let merged = merge(&Fields::empty(), None, Some(&record.fields), ctx.object_type, self.policies);
+        let op = ActionOp::CreateInCrm { crm_id, entry_id: entry_id.clone(), fields: merged.fields.clone() };
+        let link = PendingLink {
+            crm_id,
+            entry_id: Some(entry_id),
+            object_type: ctx.object_type,
+            base: merged.fields,
+            goid: record.goid.clone(),
+            role: record.role,
+            status: record.status,
+            crm_version: None,
+        };
+        ctx.act(DecisionRow::OutlookChangeUnmapped, op, LinkChange::Link(link), vec![])
+    }
+
+    /// The create/create row: a new server record and a new Outlook item that are the same record
+    /// (same GOID, or the item carries the record's stamp). Link them, merging with an empty base.
+    fn link_new(
+        &mut self,
+        ctx: Ctx,
+        entry_id: EntryId,
+        crm: &Record,
+        outlook: &Record,
+        version: Option<VersionNumber>,
+    ) -> Action {
+        let RecordKey::Crm(crm_id) = ctx.order.key else {
+            unreachable!("a joined group is keyed by its CRM side")
+        };
+        let goid = crm.goid.clone().or_else(|| outlook.goid.clone());
+        if let Some(goid) = &goid {
+            if let Err(holder) = self.claim_goid(goid, crm_id) {
+                return ctx.reject(RecordError::DuplicateGoid {
+                    key: RecordKey::Crm(crm_id),
+                    goid: goid.clone(),
+                    holder,
+                });
+            }
+        }
+        let merged =
+            merge(&Fields::empty(), Some(&crm.fields), Some(&outlook.fields), ctx.object_type, self.policies);
+        let conflicts = conflict_names(&merged);
+        let op = ActionOp::Update {
+            crm_id,
+            entry_id: entry_id.clone(),
+            to_crm: merged.to_crm,
+            to_outlook: merged.to_outlook,
+        };
+        let link = PendingLink {
+            crm_id,
+            entry_id: Some(entry_id),
+            object_type: ctx.object_type,
+            base: merged.fields,
+            goid,
+            role: crm.role,
+            status: crm.status,
+            crm_version: version,
+        };
+        ctx.act(DecisionRow::BothCreatedLinked, op, LinkChange::Link(link), conflicts)
+    }
+
+    fn update(
+        &mut self,
+        ctx: Ctx,
+        row: DecisionRow,
+        m: &MappingEntry,
+        crm: Option<&Record>,
+        outlook: Option<&Record>,
+        version: Option<VersionNumber>,
+    ) -> Action {
+        let merged = merge(
+            &m.base,
+            crm.map(|r| &r.fields),
+            outlook.map(|r| &r.fields),
+            ctx.object_type,
+            self.policies,
+        );
+        let conflicts = conflict_names(&merged);
+        let op = ActionOp::Update {
+            crm_id: m.crm_id,
+            entry_id: m.entry_id.clone(),
+            to_crm: merged.to_crm,
+            to_outlook: merged.to_outlook,
+        };
+        let link = pending(
+            m.crm_id,
+            Some(m.entry_id.clone()),
+            ctx.object_type,
+            merged.fields,
+            crm,
+            outlook,
+            m,
+            version,
+        );
+        ctx.act(row, op, LinkChange::Link(link), conflicts)
+    }
+
+    fn crm_delete(&self, ctx: Ctx, row: DecisionRow, m: &MappingEntry) -> Action {
+        let (crm_id, entry_id) = (m.crm_id, m.entry_id.clone());
+        let op = if self.policies.crm_delete.rule(ctx.object_type).carries(m.role, m.status) {
+            ActionOp::DeleteInOutlook { crm_id, entry_id }
+        } else {
+            ActionOp::Untrack { crm_id, entry_id }
+        };
+        ctx.act(row, op, LinkChange::Remove(crm_id), vec![])
+    }
+
+    fn outlook_delete(&self, ctx: Ctx, row: DecisionRow, m: &MappingEntry) -> Action {
+        let (crm_id, entry_id) = (m.crm_id, m.entry_id.clone());
+        let op = if self.policies.outlook_delete.rule(ctx.object_type).carries(m.role, m.status) {
+            ActionOp::DeleteInCrm { crm_id, entry_id }
+        } else {
+            ActionOp::Untrack { crm_id, entry_id }
+        };
+        ctx.act(row, op, LinkChange::Remove(crm_id), vec![])
+    }
+
+    /// Claims a meeting's GOID for `crm_id`; fails with the holder when another record already
+    /// holds it, in the mapping or earlier in this plan.
+    fn claim_goid(&mut self, goid: &GlobalObjectId, crm_id: CrmId) -> Result<(), CrmId> {
+        if let Some(holder) = self.mapping.crm_id_of_goid(goid) {
+            if holder != crm_id {
+                return Err(holder);
+            }
+        }
+        match self.claimed_goids.get(goid) {
+            // Claimed earlier in this plan by another record of the same meeting.
+            Some(holder) if *holder != crm_id => Err(*holder),
+            Some(_) => Ok(()),
+            None => {
+                self.claimed_goids.insert(goid.clone(), crm_id);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// One side's change after normalising: something to write, or a delete.
+enum Upsert<'c> {
+    Write(&'c Record),
+    Gone(DeleteReason),
+}
+
+/// What every action of one group shares.
+struct Ctx {
+    order: ActionOrder,
+    object_type: ObjectTypeCode,
+    consumed: Vec<QueueId>,
+}
+
+impl Ctx {
+    fn act(self, row: DecisionRow, op: ActionOp, link: LinkChange, conflicts: Vec<String>) -> Action {
+        Action {
+            order: self.order,
+            object_type: self.object_type,
+            row,
+            op,
+            link,
+            conflicts,
+            consumed: self.consumed,
+        }
+    }
+
+    fn reject(self, error: RecordError) -> Action {
+        reject(self.order, self.object_type, self.consumed, error)
+    }
+}
+
+fn reject(
+    order: ActionOrder,
+    object_type: ObjectTypeCode,
+    consumed: Vec<QueueId>,
+    error: RecordError,
+) -> Action {
+    Action {
+        order,
+        object_type,
+        row: DecisionRow::Invalid,
+        op: ActionOp::Reject { error },
+        link: LinkChange::Keep,
+        conflicts: vec![],
+        consumed,
+    }
+}
+
+fn group_key<'a>(g: &'a Group<'_>) -> &'a RecordKey {
+    &g.crm.as_ref().or(g.outlook.as_ref()).expect("a group has at least one side").key
+}
+
+fn crm_id_key(key: &RecordKey) -> CrmId {
+    match key {
+        RecordKey::Crm(id) => *id,
+        RecordKey::Outlook(_) => unreachable!("a CRM net is keyed by CrmId"),
+    }
+}
+
+fn crm_version(crm: &Option<Coalesced>) -> Option<VersionNumber> {
+    match crm.as_ref()?.stamp {
+        ChangeStamp::Crm(v) => Some(v),
+        ChangeStamp::Outlook(_) => None,
+    }
+}
+
+fn conflict_names(merged: &Merged) -> Vec<String> {
+    merged.conflicts.iter().map(|n| n.to_string()).collect()
+}
+
+/// The mapping entry after a change of a held pair: the new base; the role from CRM (which
+/// knows ownership and attendance); the status from the side that changed, CRM first; the newest
+/// CRM version.
+#[allow(clippy::too_many_arguments)]
+fn pending(
+    crm_id: CrmId,
+    entry_id: Option<EntryId>,
+    object_type: ObjectTypeCode,
+    base: Fields,
+    crm: Option<&Record>,
+    outlook: Option<&Record>,
+    m: &MappingEntry,
+    version: Option<VersionNumber>,
+) -> PendingLink {
+    PendingLink {
+        crm_id,
+        entry_id,
+        object_type,
+        base,
+        goid: m.goid.clone(),
+        role: crm.map_or(m.role, |r| r.role),
+        status: crm.or(outlook).map_or(m.status, |r| r.status),
+        crm_version: version.max(m.crm_version),
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ids: Vec<String> = self.consumed.iter().map(|id| id.to_string()).collect();
+        writeln!(f, "[{}] {} {} ({})", self.row.label(), self.object_type, self.order.key, ids.join(" "))?;
+        match &self.op {
+            ActionOp::CreateInOutlook { crm_id, fields, goid_search } => {
+                if let Some(goid) = goid_search {
+                    writeln!(f, "  search Outlook for meeting {goid}; link a hit, else")?;
+                }
+                writeln!(f, "  create in Outlook, stamped {crm_id}: {fields}")?;
+            }
+            ActionOp::CreateInCrm { crm_id, entry_id, fields } => {
+                writeln!(f, "  create in CRM as {crm_id}, stamp {entry_id}: {fields}")?;
+            }
+            ActionOp::Update { crm_id, entry_id, to_crm, to_outlook } => {
+                let show = |p: &FieldPatch| if p.is_empty() { "nothing".to_owned() } else { p.to_string() };
+                writeln!(f, "  update CRM {crm_id}: {}", show(to_crm))?;
+                writeln!(f, "  update Outlook {entry_id}: {}", show(to_outlook))?;
+            }
+            ActionOp::DeleteInOutlook { crm_id, entry_id } => {
+                writeln!(f, "  delete Outlook {entry_id} (of {crm_id})")?
+            }
+            ActionOp::DeleteInCrm { crm_id, entry_id } => {
+                writeln!(f, "  delete CRM {crm_id} (of {entry_id})")?
+            }
+            ActionOp::Untrack { crm_id, entry_id } => {
+                writeln!(f, "  untrack {crm_id} <-> {entry_id}: both copies stay")?;
+            }
+            ActionOp::Drop { why } => writeln!(f, "  nothing to write: {why:?}")?,
+            ActionOp::Reject { error } => writeln!(f, "  rejected: {error}")?,
+        }
+        if !self.conflicts.is_empty() {
+            writeln!(f, "  conflicts settled by policy: {}", self.conflicts.join(", "))?;
+        }
+        match &self.link {
+            LinkChange::Keep => writeln!(f, "  mapping: unchanged"),
+            LinkChange::Link(l) => write_link(f, "link", l),
+            LinkChange::Remove(id) => writeln!(f, "  mapping: remove {id}"),
+            LinkChange::Replace { remove, link } => {
+                writeln!(f, "  mapping: remove {remove}")?;
+                write_link(f, "link", link)
+            }
+        }
+    }
+}
+
+fn write_link(f: &mut fmt::Formatter<'_>, verb: &str, l: &PendingLink) -> fmt::Result {
+    let entry = l.entry_id.as_ref().map_or("(the new item)".to_owned(), |e| e.to_string());
+    let version = l.crm_version.map_or("-".to_owned(), |v| v.to_string());
+    writeln!(
+        f,
+        "  mapping: {verb} {} <-> {entry} at {version}, {:?}/{:?}, base {}",
+        l.crm_id, l.role, l.status, l.base
+    )
+}
+
+impl fmt::Display for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, action) in self.actions.iter().enumerate() {
+            write!(f, "{}. {action}", i + 1)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,286 @@
+//! The `OutlookSyncTable` as a value (`Queue` of `QueueEntry`), and coalescing: folding the
+//! changes of one record from one side into one net change (DOMAIN section 5, last paragraph).
+//!
+//! Order within one side: CRM changes by `VersionNumber` (the server's own order, so a page
+//! delivered late or twice folds into the right place), then queue id; Outlook changes by queue id
+//! (the order the mailbox reported them), never by `ModifiedAt`, which comes from a client clock
+//! that may be skewed.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::change::{Change, ChangeKind, ChangeOp, ChangeStamp, DeleteReason, Record, RecordKey};
+use crate::entity::ObjectTypeCode;
+use crate::ids::VersionNumber;
+
+/// Most entries one queue may hold. A queue past this is refused rather than slowly processed.
+pub const QUEUE_LEN_MAX: usize = 16_000_000;
+/// Longest error text kept with a queue entry, in bytes; longer ones are cut.
+pub const ERROR_TEXT_LEN_MAX: usize = 4096;
+
+/// The id of a queue entry: assigned in the order changes were queued, never reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+#[serde(transparent)]
+pub struct QueueId(pub u64);
+
+impl fmt::Display for QueueId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
+/// One pending change with its retry history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueEntry {
+    pub id: QueueId,
+    pub change: Change,
+    /// How many times applying it failed.
+    pub attempts: u32,
+    /// The error of the last failed attempt.
+    pub last_error: Option<String>,
+}
+
+/// Why a queue operation was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueueError {
+    #[error("the queue already holds {QUEUE_LEN_MAX} entries")]
+    Full,
+    #[error("queue id {0} is already taken")]
+    DuplicateId(QueueId),
+}
+
+/// The queue of pending changes from both sides (`OutlookSyncTable`).
+///
+/// Invariant: every entry is stored under its own id, and `next_id` is greater than every id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Queue {
+    entries: HashMap<QueueId, QueueEntry>,
+    next_id: u64,
+}
+
+impl Queue {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Queues a change under the next id.
+    pub fn push(&mut self, change: Change) -> Result<QueueId, QueueError> {
+        let id = QueueId(self.next_id);
+        self.insert(QueueEntry { id, change, attempts: 0, last_error: None })?;
+        Ok(id)
+    }
+
+    /// Puts back an entry with its own id (loading a cache file).
+    pub fn insert(&mut self, entry: QueueEntry) -> Result<(), QueueError> {
+        if self.entries.len() >= QUEUE_LEN_MAX {
+            return Err(QueueError::Full);
+        }
+        if self.entries.contains_key(&entry.id) {
+            return Err(QueueError::DuplicateId(entry.id));
+        }
+        self.next_id = self.next_id.max(entry.id.0 + 1);
+        self.entries.insert(entry.id, entry);
+        Ok(())
+    }
+
+    pub fn get(&self, id: QueueId) -> Option<&QueueEntry> {
+        self.entries.get(&id)
+    }
+
+    pub(crate) fn get_mut(&mut self, id: QueueId) -> Option<&mut QueueEntry> {
+        self.entries.get_mut(&id)
+    }
+
+    pub fn remove(&mut self, id: QueueId) -> Option<QueueEntry> {
+        self.entries.remove(&id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The entries in no particular order (cheapest; callers that need an order sort).
+    pub fn iter_unordered(&self) -> impl Iterator<Item = &QueueEntry> {
+        self.entries.values()
+    }
+
+    /// The entries in id order.
+    pub fn entries(&self) -> Vec<&QueueEntry> {
+        let mut all: Vec<&QueueEntry> = self.entries.values().collect();
+        all.sort_unstable_by_key(|e| e.id);
+        all
+    }
+}
+
+impl Serialize for Queue {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.entries())
+    }
+}
+
+impl<'de> Deserialize<'de> for Queue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let mut queue = Queue::new();
+        for entry in Vec::<QueueEntry>::deserialize(d)? {
+            queue.insert(entry).map_err(serde::de::Error::custom)?;
+        }
+        Ok(queue)
+    }
+}
+
+/// Cuts an error text to [`ERROR_TEXT_LEN_MAX`] bytes at a character boundary.
+pub(crate) fn clip_error(text: &str) -> String {
+    if text.len() <= ERROR_TEXT_LEN_MAX {
+        return text.to_owned();
+    }
+    let mut end = ERROR_TEXT_LEN_MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &text[..end])
+}
+
+/// The net effect of the changes of one record from one side.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Net {
+    Create(Record),
+    Update(Record),
+    Delete(DeleteReason),
+    /// Created and then deleted. For a record this client never held it is nothing; for one it
+    /// holds (a create handed out again) it is a delete. The plan decides, knowing the mapping.
+    CreatedThenDeleted(DeleteReason),
+}
+
+impl Net {
+    pub fn kind(&self) -> ChangeKind {
+        match self {
+            Net::Create(_) => ChangeKind::Create,
+            Net::Update(_) => ChangeKind::Update,
+            Net::Delete(_) | Net::CreatedThenDeleted(_) => ChangeKind::Delete,
+        }
+    }
+
+    pub fn record(&self) -> Option<&Record> {
+        match self {
+            Net::Create(r) | Net::Update(r) => Some(r),
+            Net::Delete(_) | Net::CreatedThenDeleted(_) => None,
+        }
+    }
+}
+
+/// The changes of one record from one side, folded into one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Coalesced {
+    pub key: RecordKey,
+    pub object_type: ObjectTypeCode,
+    /// The stamp of the latest change folded in.
+    pub stamp: ChangeStamp,
+    pub net: Net,
+    /// The queue entries folded in, in id order. Settling the decision removes exactly these.
+    pub consumed: Vec<QueueId>,
+}
+
+/// Why the changes of one record could not be folded. Every variant names the record and the
+/// offending queue entries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum CoalesceError {
+    #[error("nothing to coalesce")]
+    Empty,
+    #[error("{after} changes {key} after its delete {delete}: a deleted key is never reused")]
+    ChangeAfterDelete { key: RecordKey, delete: QueueId, after: QueueId },
+    #[error("{key} is queued as a {first} ({first_id}) and as a {second} ({second_id})")]
+    TypeMismatch {
+        key: RecordKey,
+        first: ObjectTypeCode,
+        first_id: QueueId,
+        second: ObjectTypeCode,
+        second_id: QueueId,
+    },
+    #[error("{key} has two different changes with one VersionNumber {version} ({first_id}, {second_id})")]
+    ConflictingDuplicate { key: RecordKey, version: VersionNumber, first_id: QueueId, second_id: QueueId },
+    #[error("entries of different records given together: {first} and {second}")]
+    MixedKeys { first: RecordKey, second: RecordKey },
+}
+
+/// Folds the changes of one record from one side into one (see the module doc for the order).
+///
+/// create+update = create with the latest fields; update+update = the latest update; create+delete
+/// = `CreatedThenDeleted`; update+delete = delete; anything after a delete is an error. A change
+/// repeated with the same stamp (at-least-once delivery) is folded in once; a CRM change with the
+/// same `VersionNumber` as another but a different content is an error.
+pub fn coalesce(entries: &[&QueueEntry]) -> Result<Coalesced, CoalesceError> {
+    let first = entries.first().ok_or(CoalesceError::Empty)?;
+    let key = first.change.key();
+    let mut ordered: Vec<&QueueEntry> = entries.to_vec();
+    ordered.sort_unstable_by(|a, b| match (a.change.stamp(), b.change.stamp()) {
+        (ChangeStamp::Crm(va), ChangeStamp::Crm(vb)) => (va, a.id).cmp(&(vb, b.id)),
+        _ => a.id.cmp(&b.id),
+    });
+
+    let head = ordered[0];
+    let mut acc = Coalesced {
+        key: key.clone(),
+        object_type: head.change.object_type(),
+        stamp: head.change.stamp(),
+        net: match head.change.op() {
+            ChangeOp::Create(r) => Net::Create(r.clone()),
+            ChangeOp::Update(r) => Net::Update(r.clone()),
+            ChangeOp::Delete(why) => Net::Delete(*why),
+        },
+        consumed: Vec::with_capacity(ordered.len()),
+    };
+    acc.consumed.push(head.id);
+    let mut prev = head;
+    for &entry in &ordered[1..] {
+        let change = &entry.change;
+        if change.key() != key {
+            return Err(CoalesceError::MixedKeys { first: key.clone(), second: change.key().clone() });
+        }
+        if change.object_type() != acc.object_type {
+            return Err(CoalesceError::TypeMismatch {
+                key: key.clone(),
+                first: acc.object_type,
+                first_id: head.id,
+                second: change.object_type(),
+                second_id: entry.id,
+            });
+        }
+        acc.consumed.push(entry.id);
+        if change.stamp() == prev.change.stamp() {
+            if change.op() == prev.change.op() {
+                continue; // the same change delivered again
+            }
+            if let ChangeStamp::Crm(version) = change.stamp() {
+                return Err(CoalesceError::ConflictingDuplicate {
+                    key: key.clone(),
+                    version,
+                    first_id: prev.id,
+                    second_id: entry.id,
+                });
+            }
+        }
+        acc.net = match (&acc.net, change.op()) {
+            (Net::Delete(_) | Net::CreatedThenDeleted(_), _) => {
+                return Err(CoalesceError::ChangeAfterDelete {
+                    key: key.clone(),
+                    delete: prev.id,
+                    after: entry.id,
+                });
+            }
+            (Net::Create(_), ChangeOp::Create(r) | ChangeOp::Update(r)) => Net::Create(r.clone()),
+            (Net::Create(_), ChangeOp::Delete(why)) => Net::CreatedThenDeleted(*why),
+            (Net::Update(_), ChangeOp::Create(r) | ChangeOp::Update(r)) => Net::Update(r.clone()),
+            (Net::Update(_), ChangeOp::Delete(why)) => Net::Delete(*why),
+        };
+        acc.stamp = change.stamp();
+        prev = entry;
+    }
+    acc.consumed.sort_unstable();
+    Ok(acc)
+}

@@ -57,6 +57,17 @@ impl CrmId {
         &self.0
     }
 
+    /// The id as one number, ordered as the `CrmId`s are (a cheap sort key).
+    pub fn as_u128(&self) -> u128 {
+        self.0.as_u128()
+    }
+
+    /// The inverse of [`CrmId::as_u128`], for a number taken from a valid `CrmId`.
+    pub(crate) fn from_u128(n: u128) -> CrmId {
+        debug_assert_ne!(n, 0, "taken from a valid CrmId, so never nil");
+        CrmId(Uuid::from_u128(n))
+    }
+
     /// The id of the record that replaces this one when a deleted CRM record is created again
     /// (`UpdateVsDeletePolicy::UpdateWins`). A CrmId is never reused, so the new record needs a
     /// new id; deriving it (UUID v5 of this id) keeps planning pure and makes a retried re-create

@@ -20,6 +20,7 @@ pub mod change;
 pub mod entity;
 pub mod fields;
 pub mod ids;
+pub mod index;
 pub mod mapping;
 pub mod merge;
 pub mod plan;

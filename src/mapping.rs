@@ -5,9 +5,9 @@
 //! two mapped calendar items share a `GlobalObjectId`. `insert` refuses anything that would break
 //! it; `link` (used by `settle`) re-points instead, dropping the links it replaces.
 
-use std::collections::HashMap;
-
 use serde::{Deserialize, Serialize};
+
+use crate::index::IdMap;
 
 use crate::change::{ActivityStatus, Role};
 use crate::entity::ObjectTypeCode;
@@ -44,9 +44,9 @@ pub enum MappingError {
 /// The `IdMappingTable`. Lookups by `CrmId`, `EntryId` and `GlobalObjectId`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Mapping {
-    by_crm: HashMap<CrmId, MappingEntry>,
-    by_entry: HashMap<EntryId, CrmId>,
-    by_goid: HashMap<GlobalObjectId, CrmId>,
+    by_crm: IdMap<CrmId, MappingEntry>,
+    by_entry: IdMap<EntryId, CrmId>,
+    by_goid: IdMap<GlobalObjectId, CrmId>,
 }
 
 impl Mapping {
@@ -73,7 +73,8 @@ impl Mapping {
 
     /// Links a pair, first dropping every link it would collide with (same `CrmId`, same
     /// `EntryId`, same GOID). Returns the dropped entries other than an earlier version of this
-    /// pair; `plan` never produces a collision, so callers assert this is empty.
+    /// pair: re-pointing a `CrmId` to a re-created item drops its old pair by design; `plan`
+    /// produces no other collision (property-tested).
     pub(crate) fn link(&mut self, entry: MappingEntry) -> Vec<MappingEntry> {
         let mut displaced = Vec::new();
         let mut drop_crm = |this: &mut Self, crm_id: CrmId| {

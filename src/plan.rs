@@ -10,7 +10,6 @@
 //! email, a duplicate meeting) becomes a `Reject` action: it stays queued with its error and never
 //! blocks the other records. Only a run-wide condition (the mass-delete guard) fails the plan.
 
-use std::collections::HashMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -19,6 +18,7 @@ use crate::change::{ActivityStatus, ChangeKind, ChangeStamp, DeleteReason, Recor
 use crate::entity::{EntityGroup, ObjectTypeCode};
 use crate::fields::{FieldPatch, Fields};
 use crate::ids::{CrmId, EntryId, GlobalObjectId, VersionNumber};
+use crate::index::IdMap;
 use crate::mapping::{Mapping, MappingEntry};
 use crate::merge::{Merged, merge};
 use crate::policy::{Policies, UpdateVsDeletePolicy};
@@ -213,6 +213,8 @@ pub enum RecordError {
     DuplicateGoid { key: RecordKey, goid: GlobalObjectId, holder: CrmId },
     #[error("{entry_id} is stamped with {crm_id}, which is mapped to another item {holder}")]
     StampTaken { entry_id: EntryId, crm_id: CrmId, holder: EntryId },
+    #[error("{entry_id} is stamped with {crm_id}, which another change of this run already uses")]
+    StampInUse { entry_id: EntryId, crm_id: CrmId },
     #[error("{entry_id}: an untracked item's change carries no CrmId to create it under")]
     MissingCrmId { entry_id: EntryId },
 }
@@ -235,18 +237,29 @@ pub struct Plan {
 
 /// Plans one sync run. See the module doc for the guarantees.
 pub fn plan(queue: &Queue, mapping: &Mapping, policies: &Policies) -> Result<Plan, PlanError> {
-    let mut planner = Planner { mapping, policies, claimed_goids: HashMap::new(), actions: Vec::new() };
-    let (crm_nets, outlook_nets) = planner.coalesce_all(queue);
-    let groups = planner.join(crm_nets, outlook_nets);
-    planner.actions.reserve(groups.len());
+    let mut planner = Planner {
+        mapping,
+        policies,
+        claimed_goids: IdMap::default(),
+        run_crm_ids: Vec::new(),
+        created_in_crm: IdMap::default(),
+    };
+    let groups = planner.group(queue);
+    planner.run_crm_ids = groups
+        .iter()
+        .filter_map(|g| match g.key {
+            RecordKey::Crm(id) => Some(id),
+            RecordKey::Outlook(_) => None,
+        })
+        .collect();
+    let mut actions = Vec::with_capacity(groups.len());
     for group in groups {
-        let action = planner.decide(group);
-        planner.actions.push(action);
+        if group.crm.is_some() || group.outlook.is_some() || group.error.is_some() {
+            actions.push(planner.decide(group));
+        }
     }
-    let mut actions = planner.actions;
     check_mass_delete(&actions, mapping, policies)?;
-    actions.sort_unstable_by(|a, b| a.order.cmp(&b.order));
-    Ok(Plan { actions })
+    Ok(Plan { actions: in_run_order(actions) })
 }
 
 fn check_mass_delete(actions: &[Action], mapping: &Mapping, policies: &Policies) -> Result<(), PlanError> {
@@ -274,103 +287,174 @@ fn check_mass_delete(actions: &[Action], mapping: &Mapping, policies: &Policies)
 
 /// The changes of one record from both sides, joined, with its mapping.
 struct Group<'m> {
+    /// The record's key: its `CrmId`, or for an unmapped item its `EntryId`.
+    key: RecordKey,
     crm: Option<Coalesced>,
     outlook: Option<Coalesced>,
     mapped: Option<&'m MappingEntry>,
+    /// Set when a side's changes could not be coalesced: the whole record is rejected.
+    error: Option<(ActionOrder, ObjectTypeCode, CoalesceError)>,
+    /// Every queue entry of the record, in id order.
+    consumed: Vec<QueueId>,
+}
+
+impl<'m> Group<'m> {
+    fn new(
+        key: RecordKey,
+        crm: &[&QueueEntry],
+        outlook: &[&QueueEntry],
+        mapped: Option<&'m MappingEntry>,
+    ) -> Self {
+        let mut consumed: Vec<QueueId> = crm.iter().chain(outlook).map(|e| e.id).collect();
+        consumed.sort_unstable();
+        let mut group = Group { key, crm: None, outlook: None, mapped, error: None, consumed };
+        for side in [crm, outlook] {
+            if side.is_empty() {
+                continue;
+            }
+            match coalesce(side) {
+                Ok(net) => match net.key.side() {
+                    Side::Crm => group.crm = Some(net),
+                    Side::Outlook => group.outlook = Some(net),
+                },
+                Err(error) => {
+                    let head = &side[0].change;
+                    let order =
+                        ActionOrder { kind: head.kind(), stamp: head.stamp(), key: head.key().clone() };
+                    group.error.get_or_insert((order, head.object_type(), error));
+                }
+            }
+        }
+        group
+    }
+}
+
+/// Sorts actions into run order (`ActionOrder`) by sorting small keys and moving each action
+/// once, rather than moving whole actions through the sort.
+fn in_run_order(actions: Vec<Action>) -> Vec<Action> {
+    let mut keys: Vec<(ChangeKind, ChangeStamp, u32)> =
+        actions.iter().enumerate().map(|(i, a)| (a.order.kind, a.order.stamp, i as u32)).collect();
+    keys.sort_unstable_by(|a, b| {
+        (a.0, a.1)
+            .cmp(&(b.0, b.1))
+            .then_with(|| actions[a.2 as usize].order.key.cmp(&actions[b.2 as usize].order.key))
+    });
+    let mut slots: Vec<Option<Action>> = actions.into_iter().map(Some).collect();
+    keys.into_iter().filter_map(|(_, _, i)| slots[i as usize].take()).collect()
 }
 
 struct Planner<'m> {
     mapping: &'m Mapping,
     policies: &'m Policies,
     /// GOIDs of meetings this plan creates or links, so no two end in two items.
-    claimed_goids: HashMap<GlobalObjectId, CrmId>,
-    actions: Vec<Action>,
+    claimed_goids: IdMap<GlobalObjectId, CrmId>,
+    /// The `CrmId`s of the records with changes in this run, sorted.
+    run_crm_ids: Vec<CrmId>,
+    /// The `CrmId`s this plan creates in CRM for Outlook items.
+    created_in_crm: IdMap<CrmId, ()>,
 }
 
 impl<'m> Planner<'m> {
-    /// Groups the queue by key and coalesces each group. Invalid groups become `Reject` actions.
-    /// Returns the CRM nets sorted by `CrmId` and the Outlook nets sorted by `EntryId`.
-    fn coalesce_all(&mut self, queue: &Queue) -> (Vec<Coalesced>, Vec<Coalesced>) {
-        let mut entries: Vec<&QueueEntry> = queue.iter_unordered().collect();
-        entries.sort_unstable_by(|a, b| a.change.key().cmp(b.change.key()).then(a.id.cmp(&b.id)));
-        let (mut crm, mut outlook) = (Vec::new(), Vec::new());
-        for run in entries.chunk_by(|a, b| a.change.key() == b.change.key()) {
-            match coalesce(run) {
-                Ok(net) if net.key.side() == Side::Crm => crm.push(net),
-                Ok(net) => outlook.push(net),
-                Err(error) => {
-                    let head = &run[0].change;
-                    let order =
-                        ActionOrder { kind: head.kind(), stamp: head.stamp(), key: head.key().clone() };
-                    let consumed = run.iter().map(|e| e.id).collect();
-                    self.actions.push(reject(order, head.object_type(), consumed, error.into()));
+    /// Groups the queue by record and coalesces each side of each record.
+    ///
+    /// CRM entries, and Outlook entries of mapped items, are keyed by `CrmId`, so one sort brings
+    /// both sides of a held record together. Outlook entries of unmapped items are keyed by
+    /// `EntryId`, then joined to a new server record by the `CrmId` stamped on them, else (a new
+    /// meeting) by GOID. Groups come out in key order: records by `CrmId`, then unmapped items by
+    /// `EntryId`, so later steps never depend on the queue's order.
+    fn group(&self, queue: &Queue) -> Vec<Group<'m>> {
+        let mut by_record: Vec<(u128, Side, QueueId, &QueueEntry)> = Vec::with_capacity(queue.len());
+        let mut unmapped: Vec<&QueueEntry> = Vec::new();
+        for entry in queue.iter_unordered() {
+            match entry.change.key() {
+                RecordKey::Crm(id) => by_record.push((id.as_u128(), Side::Crm, entry.id, entry)),
+                RecordKey::Outlook(entry_id) => match self.mapping.crm_id_of(entry_id) {
+                    Some(id) => by_record.push((id.as_u128(), Side::Outlook, entry.id, entry)),
+                    None => unmapped.push(entry),
+                },
+            }
+        }
+        by_record.sort_unstable_by_key(|&(record, side, id, _)| (record, side, id));
+        unmapped.sort_unstable_by(|a, b| a.change.key().cmp(b.change.key()).then(a.id.cmp(&b.id)));
+
+        let mut groups: Vec<Group<'m>> = Vec::new();
+        let mut sides: [Vec<&QueueEntry>; 2] = [Vec::new(), Vec::new()];
+        for run in by_record.chunk_by(|a, b| a.0 == b.0) {
+            let [crm, outlook] = &mut sides;
+            crm.clear();
+            outlook.clear();
+            for &(_, side, _, entry) in run {
+                match side {
+                    Side::Crm => crm.push(entry),
+                    Side::Outlook => outlook.push(entry),
                 }
             }
+            let crm_id = CrmId::from_u128(run[0].0);
+            groups.push(Group::new(RecordKey::Crm(crm_id), crm, outlook, self.mapping.get(crm_id)));
         }
-        (crm, outlook)
-    }
-
-    /// Joins each Outlook net to its CRM net: through the mapping, else (unmapped) by the stamped
-    /// `CrmId`, else for a new meeting by GOID.
-    fn join(&mut self, crm_nets: Vec<Coalesced>, outlook_nets: Vec<Coalesced>) -> Vec<Group<'m>> {
-        let crm_id_of = |net: &Coalesced| match net.key {
-            RecordKey::Crm(id) => id,
-            RecordKey::Outlook(_) => unreachable!("CRM nets are keyed by CrmId"),
-        };
-        let mut crm_slots: Vec<Option<Coalesced>> = crm_nets.into_iter().map(Some).collect();
-        let find = |slots: &[Option<Coalesced>], id: CrmId| {
-            slots.binary_search_by(|s| s.as_ref().map(crm_id_of).cmp(&Some(id))).ok()
-        };
-        // New meetings from the server, by GOID, for the create/create row.
-        let mut new_meetings: HashMap<GlobalObjectId, usize> = HashMap::new();
-        for (i, net) in crm_slots.iter().enumerate() {
-            let net = net.as_ref().expect("all slots are full before joining");
-            if let (Some(goid), None) =
-                (net.net.record().and_then(|r| r.goid.as_ref()), self.mapping.get(crm_id_of(net)))
-            {
-                new_meetings.entry(goid.clone()).or_insert(i);
-            }
+        let records = groups.len();
+        for run in unmapped.chunk_by(|a, b| a.change.key() == b.change.key()) {
+            groups.push(Group::new(run[0].change.key().clone(), &[], run, None));
         }
-
-        let mut groups = Vec::with_capacity(crm_slots.len() + outlook_nets.len());
-        for net in outlook_nets {
-            let RecordKey::Outlook(entry_id) = &net.key else {
-                unreachable!("Outlook nets are keyed by EntryId")
-            };
-            let mapped_id = self.mapping.crm_id_of(entry_id);
-            let partner = match (mapped_id, net.net.record()) {
-                (Some(id), _) => find(&crm_slots, id),
-                (None, Some(record)) => record
-                    .crm_id
-                    .filter(|id| self.mapping.get(*id).is_none())
-                    .and_then(|id| find(&crm_slots, id))
-                    .or_else(|| {
-                        let goid = record.goid.as_ref()?;
-                        (net.net.kind() == ChangeKind::Create).then_some(())?;
-                        new_meetings.get(goid).copied()
-                    }),
-                (None, None) => None,
-            };
-            let crm = partner.and_then(|i| crm_slots[i].take());
-            let mapped = mapped_id.and_then(|id| self.mapping.get(id));
-            groups.push(Group { crm, outlook: Some(net), mapped });
-        }
-        for net in crm_slots.into_iter().flatten() {
-            let mapped = self.mapping.get(crm_id_of(&net));
-            groups.push(Group { crm: Some(net), outlook: None, mapped });
-        }
-        // Decide in key order, so which of two duplicate meetings wins never depends on input order.
-        groups.sort_unstable_by(|a, b| group_key(a).cmp(group_key(b)));
+        self.join_unmapped(&mut groups, records);
         groups
     }
 
+    /// Joins each unmapped item's group (from `first` on) to the group of a new server record:
+    /// by the `CrmId` stamped on the item, else, for a new meeting, by GOID. A joined group moves
+    /// into its partner and is emptied.
+    fn join_unmapped(&self, groups: &mut [Group<'m>], first: usize) {
+        let (records, items) = groups.split_at_mut(first);
+        let is_new =
+            |g: &Group<'_>| g.mapped.is_none() && g.error.is_none() && g.outlook.is_none() && g.crm.is_some();
+        let join = |partner: &mut Group<'m>, item: &mut Group<'m>| {
+            partner.outlook = item.outlook.take();
+            partner.consumed.append(&mut item.consumed);
+            partner.consumed.sort_unstable();
+        };
+        // Stamps first: an item stamped with a record's id is that record, whatever its GOID.
+        for item in items.iter_mut() {
+            let Some(stamp) = item.outlook.as_ref().and_then(|o| o.net.record()).and_then(|r| r.crm_id)
+            else {
+                continue;
+            };
+            if self.mapping.get(stamp).is_some() {
+                continue; // a copy of a held item: refused in `create_in_crm`
+            }
+            if let Ok(i) = records.binary_search_by(|g| g.key.cmp(&RecordKey::Crm(stamp))) {
+                if is_new(&records[i]) {
+                    join(&mut records[i], item);
+                }
+            }
+        }
+        // Then new meetings by GOID, among the records still unjoined.
+        let mut new_meetings: IdMap<GlobalObjectId, usize> = IdMap::default();
+        for (i, g) in records.iter().enumerate() {
+            let goid = g.crm.as_ref().and_then(|c| c.net.record()).and_then(|r| r.goid.as_ref());
+            if let (Some(goid), true) = (goid, is_new(g)) {
+                new_meetings.entry(goid.clone()).or_insert(i);
+            }
+        }
+        if new_meetings.is_empty() {
+            return;
+        }
+        for item in items.iter_mut() {
+            let Some(net) = item.outlook.as_ref().map(|o| &o.net) else { continue };
+            let Net::Create(record) = net else { continue };
+            let Some(&i) = record.goid.as_ref().and_then(|g| new_meetings.get(g)) else { continue };
+            if is_new(&records[i]) {
+                join(&mut records[i], item);
+            }
+        }
+    }
+
     fn decide(&mut self, group: Group<'m>) -> Action {
-        let Group { crm, outlook, mapped } = group;
+        let Group { key: _, crm, outlook, mapped, error, consumed } = group;
+        if let Some((order, object_type, error)) = error {
+            return reject(order, object_type, consumed, error.into());
+        }
         let primary = crm.as_ref().or(outlook.as_ref()).expect("a group has at least one side");
         let order = ActionOrder { kind: primary.net.kind(), stamp: primary.stamp, key: primary.key.clone() };
-        let mut consumed: Vec<QueueId> =
-            crm.iter().chain(&outlook).flat_map(|c| c.consumed.iter().copied()).collect();
-        consumed.sort_unstable();
         let object_type = primary.object_type;
         let ctx = Ctx { order, object_type, consumed };
 
@@ -495,16 +579,20 @@ impl<'m> Planner<'m> {
                         entry_id: m.entry_id.clone(),
                         fields: merged.fields.clone(),
                     };
-                    let link = pending(
-                        new_id,
-                        Some(m.entry_id.clone()),
-                        object_type,
-                        merged.fields,
-                        None,
-                        Some(o),
-                        m,
-                        None,
-                    );
+                    // A new record: the old record's versions say nothing about it.
+                    let link = PendingLink {
+                        crm_version: None,
+                        ..pending(
+                            new_id,
+                            Some(m.entry_id.clone()),
+                            object_type,
+                            merged.fields,
+                            None,
+                            Some(o),
+                            m,
+                            None,
+                        )
+                    };
                     ctx.act(
                         DecisionRow::UpdateVsDelete,
                         op,
@@ -629,6 +717,12 @@ impl<'m> Planner<'m> {
         if let Some(holder) = self.mapping.get(crm_id) {
             let holder = holder.entry_id.clone();
             return ctx.reject(RecordError::StampTaken { entry_id, crm_id, holder });
+        }
+        // The id belongs to a record with changes in this run, or another item of this run is
+        // created under it: creating it again would give one CrmId two records or two items.
+        let in_run = self.run_crm_ids.binary_search(&crm_id).is_ok();
+        if in_run || self.created_in_crm.insert(crm_id, ()).is_some() {
+            return ctx.reject(RecordError::StampInUse { entry_id, crm_id });
         }
         if let Some(goid) = &record.goid {
             if let Err(holder) = self.claim_goid(goid, crm_id) {
@@ -821,10 +915,6 @@ fn reject(
         conflicts: vec![],
         consumed,
     }
-}
-
-fn group_key<'a>(g: &'a Group<'_>) -> &'a RecordKey {
-    &g.crm.as_ref().or(g.outlook.as_ref()).expect("a group has at least one side").key
 }
 
 fn crm_id_key(key: &RecordKey) -> CrmId {

@@ -6,10 +6,11 @@
 //! (the order the mailbox reported them), never by `ModifiedAt`, which comes from a client clock
 //! that may be skewed.
 
-use std::collections::HashMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
+
+use crate::index::IdMap;
 
 use crate::change::{Change, ChangeKind, ChangeOp, ChangeStamp, DeleteReason, Record, RecordKey};
 use crate::entity::ObjectTypeCode;
@@ -45,24 +46,37 @@ pub struct QueueEntry {
 /// Why a queue operation was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum QueueError {
-    #[error("the queue already holds {QUEUE_LEN_MAX} entries")]
-    Full,
+    #[error("the queue already holds its maximum of {0} entries")]
+    Full(usize),
     #[error("queue id {0} is already taken")]
     DuplicateId(QueueId),
 }
 
 /// The queue of pending changes from both sides (`OutlookSyncTable`).
 ///
-/// Invariant: every entry is stored under its own id, and `next_id` is greater than every id.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Invariant: every entry is stored under its own id, `next_id` is greater than every id, and
+/// the queue holds at most `len_max` entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Queue {
-    entries: HashMap<QueueId, QueueEntry>,
+    entries: IdMap<QueueId, QueueEntry>,
     next_id: u64,
+    len_max: usize,
+}
+
+impl Default for Queue {
+    fn default() -> Self {
+        Queue { entries: IdMap::default(), next_id: 0, len_max: QUEUE_LEN_MAX }
+    }
 }
 
 impl Queue {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty queue that holds at most `len_max` entries (at most [`QUEUE_LEN_MAX`]).
+    pub fn with_len_max(len_max: usize) -> Self {
+        Queue { len_max: len_max.min(QUEUE_LEN_MAX), ..Queue::default() }
     }
 
     /// Queues a change under the next id.
@@ -74,8 +88,8 @@ impl Queue {
 
     /// Puts back an entry with its own id (loading a cache file).
     pub fn insert(&mut self, entry: QueueEntry) -> Result<(), QueueError> {
-        if self.entries.len() >= QUEUE_LEN_MAX {
-            return Err(QueueError::Full);
+        if self.entries.len() >= self.len_max {
+            return Err(QueueError::Full(self.len_max));
         }
         if self.entries.contains_key(&entry.id) {
             return Err(QueueError::DuplicateId(entry.id));
@@ -132,6 +146,16 @@ impl<'de> Deserialize<'de> for Queue {
         }
         Ok(queue)
     }
+}
+
+/// The later record of two, keeping the `CrmId` the earlier one carried when the later carries
+/// none: an item queued for creation under a chosen id and edited before it synced keeps that id.
+fn later(earlier: &Record, later: &Record) -> Record {
+    let mut record = later.clone();
+    if record.crm_id.is_none() {
+        record.crm_id = earlier.crm_id;
+    }
+    record
 }
 
 /// Cuts an error text to [`ERROR_TEXT_LEN_MAX`] bytes at a character boundary.
@@ -217,11 +241,19 @@ pub enum CoalesceError {
 pub fn coalesce(entries: &[&QueueEntry]) -> Result<Coalesced, CoalesceError> {
     let first = entries.first().ok_or(CoalesceError::Empty)?;
     let key = first.change.key();
-    let mut ordered: Vec<&QueueEntry> = entries.to_vec();
-    ordered.sort_unstable_by(|a, b| match (a.change.stamp(), b.change.stamp()) {
+    let order = |a: &&QueueEntry, b: &&QueueEntry| match (a.change.stamp(), b.change.stamp()) {
         (ChangeStamp::Crm(va), ChangeStamp::Crm(vb)) => (va, a.id).cmp(&(vb, b.id)),
         _ => a.id.cmp(&b.id),
-    });
+    };
+    let sorted: Vec<&QueueEntry>;
+    let ordered: &[&QueueEntry] = if entries.is_sorted_by(|a, b| order(a, b).is_le()) {
+        entries
+    } else {
+        let mut copy = entries.to_vec();
+        copy.sort_unstable_by(order);
+        sorted = copy;
+        &sorted
+    };
 
     let head = ordered[0];
     let mut acc = Coalesced {
@@ -273,9 +305,9 @@ pub fn coalesce(entries: &[&QueueEntry]) -> Result<Coalesced, CoalesceError> {
                     after: entry.id,
                 });
             }
-            (Net::Create(_), ChangeOp::Create(r) | ChangeOp::Update(r)) => Net::Create(r.clone()),
+            (Net::Create(old), ChangeOp::Create(r) | ChangeOp::Update(r)) => Net::Create(later(old, r)),
             (Net::Create(_), ChangeOp::Delete(why)) => Net::CreatedThenDeleted(*why),
-            (Net::Update(_), ChangeOp::Create(r) | ChangeOp::Update(r)) => Net::Update(r.clone()),
+            (Net::Update(old), ChangeOp::Create(r) | ChangeOp::Update(r)) => Net::Update(later(old, r)),
             (Net::Update(_), ChangeOp::Delete(why)) => Net::Delete(*why),
         };
         acc.stamp = change.stamp();

@@ -1,0 +1,11 @@
+//! The one integration-test binary of the core (one binary keeps link time down on 2 cores).
+//!
+//! - `decision_table`: one named test per row of DOMAIN's decision table and per documented
+//!   policy row, each an insta snapshot of input and plan in `snapshots/`;
+//! - `bad_input`: every typed error, with the value it carries;
+//! - `properties`: proptest invariants over generated queues.
+
+mod bad_input;
+mod decision_table;
+mod properties;
+mod support;

@@ -159,9 +159,37 @@ impl<'de> Deserialize<'de> for Fields {
 }
 
 /// The edits to write to one side: each named field is set to a value, or cleared (`None`).
-/// Sorted by name; a field not named is left as the side has it.
-#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Sorted by name; a field not named is left as the side has it. Serialised as a map whose
+/// cleared fields are `null`.
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct FieldPatch(Vec<(Arc<str>, Option<Arc<str>>)>);
+
+impl Serialize for FieldPatch {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for FieldPatch {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let map = BTreeMap::<String, Option<String>>::deserialize(d)?;
+        let mut edits = Vec::with_capacity(map.len());
+        for (name, value) in map {
+            check_name(&name).map_err(serde::de::Error::custom)?;
+            if let Some(v) = &value {
+                if v.len() > FIELD_VALUE_LEN_MAX {
+                    let err = FieldsError::ValueTooLong { name, len: v.len() };
+                    return Err(serde::de::Error::custom(err));
+                }
+            }
+            edits.push((Arc::from(name), value.map(Arc::from)));
+        }
+        if edits.len() > FIELD_COUNT_MAX {
+            return Err(serde::de::Error::custom(FieldsError::TooMany(edits.len())));
+        }
+        Ok(FieldPatch(edits))
+    }
+}
 
 impl FieldPatch {
     pub(crate) fn from_sorted(edits: Vec<(Arc<str>, Option<Arc<str>>)>) -> Self {
@@ -260,5 +288,9 @@ mod tests {
         let patch = FieldPatch::from_sorted(vec![("a".into(), None), ("c".into(), Some("3".into()))]);
         let g = patch.apply(&f);
         assert_eq!(g, Fields::try_from_pairs([("b", "2"), ("c", "3")]).unwrap());
+        let json = serde_json::to_string(&patch).unwrap();
+        assert_eq!(json, r#"{"a":null,"c":"3"}"#);
+        assert_eq!(serde_json::from_str::<FieldPatch>(&json).unwrap(), patch);
+        assert!(serde_json::from_str::<FieldPatch>(r#"{"":"x"}"#).is_err());
     }
 }

@@ -1,9 +1,9 @@
 //! Field values of a record (`Fields`) and the edits to write to one side (`FieldPatch`).
 //!
-//! `Fields` is an ordered map of field name to value, immutable and shared: cloning one is a
-//! reference-count increment, which is what lets a plan of a million changes carry field sets
-//! around without copying strings. Every limit here is checked when a value is built, including
-//! when it is deserialised.
+//! `Fields` is an ordered map of field name to value, immutable and shared in one block: cloning
+//! one is a reference-count increment and comparing two reads two blocks, which is what lets a
+//! plan of a million changes carry and compare field sets without chasing a pointer per string.
+//! Every limit here is checked when a value is built, including when it is deserialised.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -33,11 +33,21 @@ pub enum FieldsError {
     Duplicate(String),
 }
 
-type Pair = (Arc<str>, Arc<str>);
-
 /// An ordered map of field name to value (subject, start, end, location, full name, ...).
-#[derive(Clone, Default, PartialEq, Eq, Hash)]
-pub struct Fields(Arc<[Pair]>);
+///
+/// Stored as one shared block: the names and values of a record in name order in one string, with
+/// their end offsets beside it. Comparing two field sets reads two blocks rather than one heap
+/// object per name and value, and cloning is one reference-count increment.
+#[derive(Clone, Default)]
+pub struct Fields(Option<Arc<Block>>);
+
+/// Field `i` is `text[start..name_end]` = `text[name_end..value_end]`, where `start` is the
+/// previous field's `value_end` (0 for the first).
+#[derive(PartialEq, Eq, Hash)]
+struct Block {
+    text: Box<str>,
+    ends: Box<[(u32, u32)]>,
+}
 
 impl Fields {
     pub fn empty() -> Self {
@@ -50,69 +60,121 @@ impl Fields {
         N: AsRef<str>,
         V: AsRef<str>,
     {
-        let mut sorted: Vec<Pair> = Vec::new();
+        let mut sorted: Vec<(N, V)> = Vec::new();
         for (name, value) in pairs {
-            let (name, value) = (name.as_ref(), value.as_ref());
-            check_name(name)?;
-            if value.len() > FIELD_VALUE_LEN_MAX {
-                return Err(FieldsError::ValueTooLong { name: name.to_owned(), len: value.len() });
+            check_name(name.as_ref())?;
+            if value.as_ref().len() > FIELD_VALUE_LEN_MAX {
+                let name = name.as_ref().to_owned();
+                return Err(FieldsError::ValueTooLong { name, len: value.as_ref().len() });
             }
-            sorted.push((name.into(), value.into()));
+            sorted.push((name, value));
             if sorted.len() > FIELD_COUNT_MAX {
                 return Err(FieldsError::TooMany(sorted.len()));
             }
         }
-        sorted.sort_by(|a, b| a.0.cmp(&b.0));
-        if let Some(dup) = sorted.windows(2).find(|w| w[0].0 == w[1].0) {
-            return Err(FieldsError::Duplicate(dup[0].0.to_string()));
+        sorted.sort_by(|a, b| a.0.as_ref().cmp(b.0.as_ref()));
+        if let Some(dup) = sorted.windows(2).find(|w| w[0].0.as_ref() == w[1].0.as_ref()) {
+            return Err(FieldsError::Duplicate(dup[0].0.as_ref().to_owned()));
         }
-        Ok(Self(sorted.into()))
-    }
-
-    /// Builds from pairs already sorted by name, distinct and within limits (taken from other
-    /// `Fields`). Checked in debug builds.
-    pub(crate) fn from_sorted(pairs: Vec<Pair>) -> Self {
-        debug_assert!(pairs.windows(2).all(|w| w[0].0 < w[1].0), "fields not sorted/distinct");
-        debug_assert!(pairs.len() <= FIELD_COUNT_MAX);
-        Self(pairs.into())
+        let mut builder = FieldsBuilder::with_capacity(sorted.len());
+        for (name, value) in &sorted {
+            builder.push(name.as_ref(), value.as_ref());
+        }
+        Ok(builder.build())
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.0.binary_search_by(|(n, _)| n.as_ref().cmp(name)).ok().map(|i| self.0[i].1.as_ref())
+        self.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
+    }
+
+    /// The field at `index` in name order.
+    pub(crate) fn at(&self, index: usize) -> (&str, &str) {
+        let block = self.0.as_deref().expect("index within a non-empty field set");
+        let start = if index == 0 { 0 } else { block.ends[index - 1].1 as usize };
+        let (name_end, value_end) = block.ends[index];
+        (&block.text[start..name_end as usize], &block.text[name_end as usize..value_end as usize])
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.0.iter().map(|(n, v)| (n.as_ref(), v.as_ref()))
-    }
-
-    pub(crate) fn pairs(&self) -> &[Pair] {
-        &self.0
+        (0..self.len()).map(|i| self.at(i))
     }
 
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.0.as_ref().map_or(0, |b| b.ends.len())
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    /// Whether both are the same shared value (a cheap first test before comparing contents).
-    pub(crate) fn ptr_eq(&self, other: &Fields) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
+        self.len() == 0
     }
 
     /// The fields for which `keep(name)` holds.
     pub(crate) fn filtered(&self, mut keep: impl FnMut(&str) -> bool) -> Fields {
-        if self.0.iter().all(|(n, _)| keep(n)) {
+        if self.iter().all(|(n, _)| keep(n)) {
             return self.clone();
         }
-        Fields::from_sorted(self.0.iter().filter(|(n, _)| keep(n)).cloned().collect())
+        let mut builder = FieldsBuilder::with_capacity(self.len());
+        for (name, value) in self.iter().filter(|(n, _)| keep(n)) {
+            builder.push(name, value);
+        }
+        builder.build()
     }
 
     /// Byte size of names and values, as the server's `DataSize` counts it.
     pub fn data_size(&self) -> usize {
-        self.0.iter().map(|(n, v)| n.len() + v.len()).sum()
+        self.0.as_ref().map_or(0, |b| b.text.len())
+    }
+}
+
+impl PartialEq for Fields {
+    fn eq(&self, other: &Fields) -> bool {
+        match (&self.0, &other.0) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
+            (None, None) => true,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Fields {}
+
+impl std::hash::Hash for Fields {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.as_deref().hash(state);
+    }
+}
+
+/// Builds a `Fields` from names pushed in strictly increasing order, taken from other field sets
+/// or already checked against the limits (checked again in debug builds).
+pub(crate) struct FieldsBuilder {
+    text: String,
+    ends: Vec<(u32, u32)>,
+}
+
+impl FieldsBuilder {
+    pub(crate) fn with_capacity(fields: usize) -> Self {
+        FieldsBuilder { text: String::with_capacity(fields * 16), ends: Vec::with_capacity(fields) }
+    }
+
+    pub(crate) fn push(&mut self, name: &str, value: &str) {
+        debug_assert!(self.last_name().is_none_or(|last| last < name), "names not sorted/distinct");
+        debug_assert!(self.ends.len() < FIELD_COUNT_MAX && name.len() <= FIELD_NAME_LEN_MAX);
+        self.text.push_str(name);
+        let name_end = self.text.len() as u32;
+        self.text.push_str(value);
+        self.ends.push((name_end, self.text.len() as u32));
+    }
+
+    fn last_name(&self) -> Option<&str> {
+        let (name_end, _) = *self.ends.last()?;
+        let start = if self.ends.len() < 2 { 0 } else { self.ends[self.ends.len() - 2].1 };
+        Some(&self.text[start as usize..name_end as usize])
+    }
+
+    pub(crate) fn build(self) -> Fields {
+        if self.ends.is_empty() {
+            return Fields(None);
+        }
+        Fields(Some(Arc::new(Block { text: self.text.into_boxed_str(), ends: self.ends.into_boxed_slice() })))
     }
 }
 
@@ -134,13 +196,24 @@ impl fmt::Debug for Fields {
 
 impl fmt::Display for Fields {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("{")?;
-        for (i, (name, value)) in self.iter().enumerate() {
-            let sep = if i == 0 { "" } else { ", " };
-            write!(f, "{sep}{name}: {value:?}")?;
-        }
-        f.write_str("}")
+        write_edits(f, self.iter().map(|(n, v)| (n, Some(v))))
     }
+}
+
+/// Writes `{name: "value", other: (cleared)}`.
+fn write_edits<'a>(
+    f: &mut fmt::Formatter<'_>,
+    edits: impl Iterator<Item = (&'a str, Option<&'a str>)>,
+) -> fmt::Result {
+    f.write_str("{")?;
+    for (i, (name, value)) in edits.enumerate() {
+        let sep = if i == 0 { "" } else { ", " };
+        match value {
+            Some(value) => write!(f, "{sep}{name}: {value:?}")?,
+            None => write!(f, "{sep}{name}: (cleared)")?,
+        }
+    }
+    f.write_str("}")
 }
 
 impl Serialize for Fields {
@@ -158,11 +231,121 @@ impl<'de> Deserialize<'de> for Fields {
     }
 }
 
+/// A set of field positions (a field set holds at most [`FIELD_COUNT_MAX`] = 128 fields).
+pub(crate) type Mask = u128;
+const _: () = assert!(FIELD_COUNT_MAX <= Mask::BITS as usize);
+
 /// The edits to write to one side: each named field is set to a value, or cleared (`None`).
-/// Sorted by name; a field not named is left as the side has it. Serialised as a map whose
-/// cleared fields are `null`.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct FieldPatch(Vec<(Arc<str>, Option<Arc<str>>)>);
+/// A field not named is left as the side has it. Serialised as a map whose cleared fields are
+/// `null`.
+///
+/// Stored without copying: the values set are picked by position from one field set (`to`), the
+/// names cleared from another (`from`).
+#[derive(Clone, Default)]
+pub struct FieldPatch {
+    to: Fields,
+    set: Mask,
+    from: Fields,
+    clear: Mask,
+}
+
+impl FieldPatch {
+    /// Sets the fields of `to` at the positions in `set`; clears the names of `from` at the
+    /// positions in `clear`. No name may be both set and cleared.
+    pub(crate) fn new(to: Fields, set: Mask, from: Fields, clear: Mask) -> Self {
+        let within = |mask: Mask, f: &Fields| f.len() >= 128 || mask >> f.len() == 0;
+        debug_assert!(within(set, &to) && within(clear, &from), "positions past the field set");
+        FieldPatch { to, set, from, clear }
+    }
+
+    /// The patch that turns `from` into `to`.
+    pub fn between(from: &Fields, to: &Fields) -> FieldPatch {
+        if from == to {
+            return FieldPatch::default();
+        }
+        let (mut set, mut clear) = (0, 0);
+        let (mut i, mut j) = (0, 0);
+        while i < from.len() || j < to.len() {
+            let a = (i < from.len()).then(|| from.at(i));
+            let b = (j < to.len()).then(|| to.at(j));
+            match (a, b) {
+                (Some((na, va)), Some((nb, vb))) if na == nb => {
+                    if va != vb {
+                        set |= 1 << j;
+                    }
+                    i += 1;
+                    j += 1;
+                }
+                (Some((na, _)), Some((nb, _))) if na < nb => {
+                    clear |= 1 << i;
+                    i += 1;
+                }
+                (Some(_), None) => {
+                    clear |= 1 << i;
+                    i += 1;
+                }
+                _ => {
+                    set |= 1 << j;
+                    j += 1;
+                }
+            }
+        }
+        FieldPatch::new(to.clone(), set, from.clone(), clear)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.set == 0 && self.clear == 0
+    }
+
+    pub fn len(&self) -> usize {
+        (self.set.count_ones() + self.clear.count_ones()) as usize
+    }
+
+    /// The edits in name order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, Option<&str>)> {
+        let set = ones(self.set).map(|i| self.to.at(i)).map(|(n, v)| (n, Some(v)));
+        let clear = ones(self.clear).map(|i| (self.from.at(i).0, None));
+        let mut edits: Vec<(&str, Option<&str>)> = set.chain(clear).collect();
+        edits.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        edits.into_iter()
+    }
+
+    /// `fields` with this patch written over it.
+    pub fn apply(&self, fields: &Fields) -> Fields {
+        let mut map: BTreeMap<&str, &str> = fields.iter().collect();
+        for (name, value) in self.iter() {
+            match value {
+                Some(value) => map.insert(name, value),
+                None => map.remove(name),
+            };
+        }
+        let mut builder = FieldsBuilder::with_capacity(map.len());
+        for (name, value) in map {
+            builder.push(name, value);
+        }
+        builder.build()
+    }
+}
+
+/// The positions of the set bits of `mask`, lowest first.
+fn ones(mut mask: Mask) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        if mask == 0 {
+            return None;
+        }
+        let i = mask.trailing_zeros() as usize;
+        mask &= mask - 1;
+        Some(i)
+    })
+}
+
+impl PartialEq for FieldPatch {
+    fn eq(&self, other: &FieldPatch) -> bool {
+        self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for FieldPatch {}
 
 impl Serialize for FieldPatch {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -173,52 +356,13 @@ impl Serialize for FieldPatch {
 impl<'de> Deserialize<'de> for FieldPatch {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let map = BTreeMap::<String, Option<String>>::deserialize(d)?;
-        let mut edits = Vec::with_capacity(map.len());
-        for (name, value) in map {
-            check_name(&name).map_err(serde::de::Error::custom)?;
-            if let Some(v) = &value {
-                if v.len() > FIELD_VALUE_LEN_MAX {
-                    let err = FieldsError::ValueTooLong { name, len: v.len() };
-                    return Err(serde::de::Error::custom(err));
-                }
-            }
-            edits.push((Arc::from(name), value.map(Arc::from)));
-        }
-        if edits.len() > FIELD_COUNT_MAX {
-            return Err(serde::de::Error::custom(FieldsError::TooMany(edits.len())));
-        }
-        Ok(FieldPatch(edits))
-    }
-}
-
-impl FieldPatch {
-    pub(crate) fn from_sorted(edits: Vec<(Arc<str>, Option<Arc<str>>)>) -> Self {
-        debug_assert!(edits.windows(2).all(|w| w[0].0 < w[1].0), "patch not sorted/distinct");
-        Self(edits)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = (&str, Option<&str>)> {
-        self.0.iter().map(|(n, v)| (n.as_ref(), v.as_deref()))
-    }
-
-    /// `fields` with this patch written over it.
-    pub fn apply(&self, fields: &Fields) -> Fields {
-        let mut map: BTreeMap<Arc<str>, Arc<str>> = fields.pairs().iter().cloned().collect();
-        for (name, value) in &self.0 {
-            match value {
-                Some(value) => map.insert(name.clone(), value.clone()),
-                None => map.remove(name),
-            };
-        }
-        Fields::from_sorted(map.into_iter().collect())
+        let set = Fields::try_from_pairs(map.iter().filter_map(|(n, v)| Some((n, v.as_ref()?))))
+            .map_err(serde::de::Error::custom)?;
+        let cleared = Fields::try_from_pairs(map.iter().filter(|(_, v)| v.is_none()).map(|(n, _)| (n, "")))
+            .map_err(serde::de::Error::custom)?;
+        let all = |f: &Fields| if f.len() == 128 { Mask::MAX } else { (1 << f.len()) - 1 };
+        let (set_mask, clear_mask) = (all(&set), all(&cleared));
+        Ok(FieldPatch::new(set, set_mask, cleared, clear_mask))
     }
 }
 
@@ -230,15 +374,7 @@ impl fmt::Debug for FieldPatch {
 
 impl fmt::Display for FieldPatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("{")?;
-        for (i, (name, value)) in self.iter().enumerate() {
-            let sep = if i == 0 { "" } else { ", " };
-            match value {
-                Some(value) => write!(f, "{sep}{name}: {value:?}")?,
-                None => write!(f, "{sep}{name}: (cleared)")?,
-            }
-        }
-        f.write_str("}")
+        write_edits(f, self.iter())
     }
 }
 
@@ -285,7 +421,8 @@ mod tests {
     #[test]
     fn patch_sets_and_clears() {
         let f = Fields::try_from_pairs([("a", "1"), ("b", "2")]).unwrap();
-        let patch = FieldPatch::from_sorted(vec![("a".into(), None), ("c".into(), Some("3".into()))]);
+        let g0 = Fields::try_from_pairs([("b", "2"), ("c", "3")]).unwrap();
+        let patch = FieldPatch::between(&f, &g0);
         let g = patch.apply(&f);
         assert_eq!(g, Fields::try_from_pairs([("b", "2"), ("c", "3")]).unwrap());
         let json = serde_json::to_string(&patch).unwrap();

@@ -76,6 +76,13 @@ impl Mapping {
     /// pair: re-pointing a `CrmId` to a re-created item drops its old pair by design; `plan`
     /// produces no other collision (property-tested).
     pub(crate) fn link(&mut self, entry: MappingEntry) -> Vec<MappingEntry> {
+        // The common case, a held pair with a new base: update it in place.
+        if let Some(old) = self.by_crm.get_mut(&entry.crm_id) {
+            if old.entry_id == entry.entry_id && old.goid == entry.goid {
+                *old = entry;
+                return Vec::new();
+            }
+        }
         let mut displaced = Vec::new();
         let mut drop_crm = |this: &mut Self, crm_id: CrmId| {
             if let Some(old) = this.remove(crm_id) {

@@ -12,13 +12,10 @@
 //! Laws (property-tested): a side that did not change takes the other's values; equal changes
 //! agree; every result value is the base's or one side's. Pure: no IO, no clock.
 
-use std::cmp::Ordering;
-use std::sync::Arc;
-
 use serde::{Deserialize, Serialize};
 
 use crate::entity::ObjectTypeCode;
-use crate::fields::{FieldPatch, Fields};
+use crate::fields::{FieldPatch, Fields, FieldsBuilder, Mask};
 use crate::policy::{FieldConflictPolicy, FieldSyncDirection, Policies};
 
 /// The result of a merge: the new agreed values and what to write to each side to reach them.
@@ -29,17 +26,7 @@ pub struct Merged {
     pub to_crm: FieldPatch,
     pub to_outlook: FieldPatch,
     /// Fields changed on both sides to different values, settled by `FieldConflictPolicy`.
-    pub conflicts: Vec<Arc<str>>,
-}
-
-type Value = Option<Arc<str>>;
-
-fn same(a: &Value, b: &Value) -> bool {
-    match (a, b) {
-        (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
-        (None, None) => true,
-        _ => false,
-    }
+    pub conflicts: Vec<String>,
 }
 
 /// Merges the two sides' field values against `base`. `None` for a side means it has no change.
@@ -54,7 +41,7 @@ pub fn merge(
     match (crm, outlook) {
         (Some(side), None) | (None, Some(side)) if two_way => {
             // One side changed and every field is two-way: its values are the result.
-            let patch = diff(base, side);
+            let patch = FieldPatch::between(base, side);
             let (to_crm, to_outlook) =
                 if crm.is_some() { (FieldPatch::default(), patch) } else { (patch, FieldPatch::default()) };
             return Merged { fields: side.clone(), to_crm, to_outlook, conflicts: Vec::new() };
@@ -64,18 +51,11 @@ pub fn merge(
     merge_fields(base, crm, outlook, object_type, policies)
 }
 
-/// The patch that turns `from` into `to`.
-pub(crate) fn diff(from: &Fields, to: &Fields) -> FieldPatch {
-    if from.ptr_eq(to) {
-        return FieldPatch::default();
-    }
-    let mut edits = Vec::new();
-    walk(&[from.pairs(), to.pairs()], |name, vals| {
-        if !same(&vals[0], &vals[1]) {
-            edits.push((name.clone(), vals[1].clone()));
-        }
-    });
-    FieldPatch::from_sorted(edits)
+/// Where a merged value came from: its position in the base, CRM or Outlook field set.
+#[derive(Clone, Copy)]
+struct Pick {
+    list: usize,
+    index: usize,
 }
 
 fn merge_fields(
@@ -89,12 +69,16 @@ fn merge_fields(
     let outlook_changed = outlook.is_some();
     let crm = crm.unwrap_or(base);
     let outlook = outlook.unwrap_or(base);
-    let mut result = Vec::new();
-    let mut to_crm = Vec::new();
-    let mut to_outlook = Vec::new();
+    let lists = [base, crm, outlook];
+    let mut result = FieldsBuilder::with_capacity(crm.len().max(outlook.len()));
+    let mut result_len = 0;
+    let (mut set_crm, mut set_outlook, mut clear_crm, mut clear_outlook): (Mask, Mask, Mask, Mask) =
+        (0, 0, 0, 0);
     let mut conflicts = Vec::new();
-    walk(&[base.pairs(), crm.pairs(), outlook.pairs()], |name, vals| {
-        let [b, c, o] = [&vals[0], &vals[1], &vals[2]];
+    walk(&lists, |name, at| {
+        let value = |p: Option<Pick>| p.map(|p| lists[p.list].at(p.index).1);
+        let [b, c, o] = at;
+        let same = |x: Option<Pick>, y: Option<Pick>| value(x) == value(y);
         let direction = policies.field_directions.get(object_type, name);
         let (r, write_crm, write_outlook) = match direction {
             FieldSyncDirection::TwoWay => {
@@ -103,7 +87,7 @@ fn merge_fields(
                 } else if same(c, b) {
                     o
                 } else {
-                    conflicts.push(name.clone());
+                    conflicts.push(name.to_owned());
                     match policies.field_conflict {
                         FieldConflictPolicy::CrmWins => c,
                         FieldConflictPolicy::OutlookWins => o,
@@ -115,47 +99,62 @@ fn merge_fields(
             FieldSyncDirection::OutlookToCrm => (o, outlook_changed && !same(o, c), false),
             FieldSyncDirection::None => return,
         };
-        if let Some(v) = r {
-            result.push((name.clone(), v.clone()));
-        }
-        if write_crm {
-            to_crm.push((name.clone(), r.clone()));
-        }
-        if write_outlook {
-            to_outlook.push((name.clone(), r.clone()));
+        match value(r) {
+            Some(v) => {
+                result.push(name, v);
+                let bit: Mask = 1 << result_len;
+                result_len += 1;
+                if write_crm {
+                    set_crm |= bit;
+                }
+                if write_outlook {
+                    set_outlook |= bit;
+                }
+            }
+            None => {
+                // Cleared: name the field by its position in the side that still has it.
+                if let (true, Some(p)) = (write_crm, c) {
+                    clear_crm |= 1 << p.index;
+                }
+                if let (true, Some(p)) = (write_outlook, o) {
+                    clear_outlook |= 1 << p.index;
+                }
+            }
         }
     });
+    let fields = result.build();
+    debug_assert!(set_crm | set_outlook == 0 || fields.len() == result_len);
     Merged {
-        fields: Fields::from_sorted(result),
-        to_crm: FieldPatch::from_sorted(to_crm),
-        to_outlook: FieldPatch::from_sorted(to_outlook),
+        to_crm: FieldPatch::new(fields.clone(), set_crm, crm.clone(), clear_crm),
+        to_outlook: FieldPatch::new(fields.clone(), set_outlook, outlook.clone(), clear_outlook),
+        fields,
         conflicts,
     }
 }
 
-/// Walks the union of the names of several sorted field lists in name order, handing each name
-/// with its value in each list (`None` where absent).
-fn walk<const N: usize>(lists: &[&[(Arc<str>, Arc<str>)]; N], mut visit: impl FnMut(&Arc<str>, &[Value; N])) {
-    let mut at = [0usize; N];
+/// Walks the union of the names of the three field sets in name order, handing each name with
+/// its position in each set (`None` where absent).
+fn walk(lists: &[&Fields; 3], mut visit: impl FnMut(&str, [Option<Pick>; 3])) {
+    let mut at = [0usize; 3];
     loop {
-        let mut next: Option<&Arc<str>> = None;
+        let mut next: Option<&str> = None;
         for (list, &i) in lists.iter().zip(&at) {
-            if let Some((name, _)) = list.get(i) {
-                if next.is_none_or(|n| name.as_ref().cmp(n.as_ref()) == Ordering::Less) {
+            if i < list.len() {
+                let name = list.at(i).0;
+                if next.is_none_or(|n| name < n) {
                     next = Some(name);
                 }
             }
         }
         let Some(name) = next else { return };
-        let name = name.clone();
-        let vals: [Value; N] = std::array::from_fn(|l| match lists[l].get(at[l]) {
-            Some((n, v)) if *n == name => {
+        let picks: [Option<Pick>; 3] = std::array::from_fn(|l| {
+            let i = at[l];
+            (i < lists[l].len() && lists[l].at(i).0 == name).then(|| {
                 at[l] += 1;
-                Some(v.clone())
-            }
-            _ => None,
+                Pick { list: l, index: i }
+            })
         });
-        visit(&name, &vals);
+        visit(name, picks);
     }
 }
 
@@ -188,7 +187,7 @@ mod tests {
         let mut p = Policies::default();
         let m = merge(&base, Some(&crm), Some(&outlook), ObjectTypeCode::Contact, &p);
         assert_eq!(m.fields, crm);
-        assert_eq!(m.conflicts, vec![Arc::<str>::from("a")]);
+        assert_eq!(m.conflicts, ["a"]);
         p.field_conflict = FieldConflictPolicy::OutlookWins;
         let m = merge(&base, Some(&crm), Some(&outlook), ObjectTypeCode::Contact, &p);
         assert_eq!(m.fields, outlook);

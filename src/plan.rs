@@ -289,11 +289,11 @@ fn check_mass_delete(actions: &[Action], mapping: &Mapping, policies: &Policies)
 struct Group<'m> {
     /// The record's key: its `CrmId`, or for an unmapped item its `EntryId`.
     key: RecordKey,
-    crm: Option<Coalesced>,
-    outlook: Option<Coalesced>,
+    crm: Option<Coalesced<'m>>,
+    outlook: Option<Coalesced<'m>>,
     mapped: Option<&'m MappingEntry>,
     /// Set when a side's changes could not be coalesced: the whole record is rejected.
-    error: Option<(ActionOrder, ObjectTypeCode, CoalesceError)>,
+    error: Option<Box<(ActionOrder, ObjectTypeCode, CoalesceError)>>,
     /// Every queue entry of the record, in id order.
     consumed: Vec<QueueId>,
 }
@@ -301,46 +301,79 @@ struct Group<'m> {
 impl<'m> Group<'m> {
     fn new(
         key: RecordKey,
-        crm: &[&QueueEntry],
-        outlook: &[&QueueEntry],
+        crm: &[&'m QueueEntry],
+        outlook: &[&'m QueueEntry],
         mapped: Option<&'m MappingEntry>,
     ) -> Self {
-        let mut consumed: Vec<QueueId> = crm.iter().chain(outlook).map(|e| e.id).collect();
-        consumed.sort_unstable();
-        let mut group = Group { key, crm: None, outlook: None, mapped, error: None, consumed };
+        let mut group = Group { key, crm: None, outlook: None, mapped, error: None, consumed: Vec::new() };
         for side in [crm, outlook] {
             if side.is_empty() {
                 continue;
             }
             match coalesce(side) {
-                Ok(net) => match net.key.side() {
-                    Side::Crm => group.crm = Some(net),
-                    Side::Outlook => group.outlook = Some(net),
-                },
+                Ok(mut net) => {
+                    // The first side's ids become the group's without a copy.
+                    if group.consumed.is_empty() {
+                        group.consumed = std::mem::take(&mut net.consumed);
+                    } else {
+                        group.consumed.append(&mut net.consumed);
+                        group.consumed.sort_unstable();
+                    }
+                    match net.key.side() {
+                        Side::Crm => group.crm = Some(net),
+                        Side::Outlook => group.outlook = Some(net),
+                    }
+                }
                 Err(error) => {
                     let head = &side[0].change;
                     let order =
                         ActionOrder { kind: head.kind(), stamp: head.stamp(), key: head.key().clone() };
-                    group.error.get_or_insert((order, head.object_type(), error));
+                    group.error.get_or_insert(Box::new((order, head.object_type(), error)));
                 }
             }
+        }
+        if group.error.is_some() {
+            group.consumed = crm.iter().chain(outlook).map(|e| e.id).collect();
+            group.consumed.sort_unstable();
         }
         group
     }
 }
 
-/// Sorts actions into run order (`ActionOrder`) by sorting small keys and moving each action
-/// once, rather than moving whole actions through the sort.
+/// Sorts actions into run order (`ActionOrder`): sorts one packed number per action (kind, then
+/// stamp), breaks the rare ties by key, and moves each action once.
 fn in_run_order(actions: Vec<Action>) -> Vec<Action> {
-    let mut keys: Vec<(ChangeKind, ChangeStamp, u32)> =
-        actions.iter().enumerate().map(|(i, a)| (a.order.kind, a.order.stamp, i as u32)).collect();
-    keys.sort_unstable_by(|a, b| {
-        (a.0, a.1)
-            .cmp(&(b.0, b.1))
-            .then_with(|| actions[a.2 as usize].order.key.cmp(&actions[b.2 as usize].order.key))
-    });
-    let mut slots: Vec<Option<Action>> = actions.into_iter().map(Some).collect();
-    keys.into_iter().filter_map(|(_, _, i)| slots[i as usize].take()).collect()
+    // kind: 2 bits | side of the stamp: 1 bit | seconds or version: 64 bits | nanoseconds: 30 bits.
+    let packed = |order: &ActionOrder| -> u128 {
+        let (side, high, nanos) = match order.stamp {
+            ChangeStamp::Crm(v) => (0u128, v.0, 0u32),
+            ChangeStamp::Outlook(t) => {
+                (1, (t.timestamp() as u64) ^ (1 << 63), t.timestamp_subsec_nanos().min((1 << 30) - 1))
+            }
+        };
+        (order.kind as u128) << 95 | side << 94 | (high as u128) << 30 | nanos as u128
+    };
+    let mut keys: Vec<(u128, u32)> =
+        actions.iter().enumerate().map(|(i, a)| (packed(&a.order), i as u32)).collect();
+    keys.sort_unstable();
+    for run in keys.chunk_by_mut(|a, b| a.0 == b.0).filter(|run| run.len() > 1) {
+        run.sort_unstable_by(|a, b| actions[a.1 as usize].order.key.cmp(&actions[b.1 as usize].order.key));
+    }
+    // Apply the permutation in place, one cycle at a time: position j takes the action at
+    // keys[j].1. No second vector of actions is allocated.
+    let mut actions = actions;
+    let mut from: Vec<u32> = keys.into_iter().map(|(_, i)| i).collect();
+    for start in 0..from.len() {
+        let mut j = start;
+        while from[j] as usize != start {
+            let k = from[j] as usize;
+            actions.swap(j, k);
+            from[j] = j as u32;
+            j = k;
+        }
+        from[j] = j as u32;
+    }
+    actions
 }
 
 struct Planner<'m> {
@@ -362,7 +395,7 @@ impl<'m> Planner<'m> {
     /// `EntryId`, then joined to a new server record by the `CrmId` stamped on them, else (a new
     /// meeting) by GOID. Groups come out in key order: records by `CrmId`, then unmapped items by
     /// `EntryId`, so later steps never depend on the queue's order.
-    fn group(&self, queue: &Queue) -> Vec<Group<'m>> {
+    fn group(&self, queue: &'m Queue) -> Vec<Group<'m>> {
         let mut by_record: Vec<(u128, Side, QueueId, &QueueEntry)> = Vec::with_capacity(queue.len());
         let mut unmapped: Vec<&QueueEntry> = Vec::new();
         for entry in queue.iter_unordered() {
@@ -377,7 +410,7 @@ impl<'m> Planner<'m> {
         by_record.sort_unstable_by_key(|&(record, side, id, _)| (record, side, id));
         unmapped.sort_unstable_by(|a, b| a.change.key().cmp(b.change.key()).then(a.id.cmp(&b.id)));
 
-        let mut groups: Vec<Group<'m>> = Vec::new();
+        let mut groups: Vec<Group<'m>> = Vec::with_capacity(by_record.len() / 2 + unmapped.len());
         let mut sides: [Vec<&QueueEntry>; 2] = [Vec::new(), Vec::new()];
         for run in by_record.chunk_by(|a, b| a.0 == b.0) {
             let [crm, outlook] = &mut sides;
@@ -414,8 +447,7 @@ impl<'m> Planner<'m> {
         };
         // Stamps first: an item stamped with a record's id is that record, whatever its GOID.
         for item in items.iter_mut() {
-            let Some(stamp) = item.outlook.as_ref().and_then(|o| o.net.record()).and_then(|r| r.crm_id)
-            else {
+            let Some(stamp) = item.outlook.as_ref().and_then(|o| o.net.record().and(o.crm_id)) else {
                 continue;
             };
             if self.mapping.get(stamp).is_some() {
@@ -450,7 +482,7 @@ impl<'m> Planner<'m> {
 
     fn decide(&mut self, group: Group<'m>) -> Action {
         let Group { key: _, crm, outlook, mapped, error, consumed } = group;
-        if let Some((order, object_type, error)) = error {
+        if let Some((order, object_type, error)) = error.map(|e| *e) {
             return reject(order, object_type, consumed, error.into());
         }
         let primary = crm.as_ref().or(outlook.as_ref()).expect("a group has at least one side");
@@ -521,7 +553,7 @@ impl<'m> Planner<'m> {
             ),
             (None, Some(Write(o)), None) => {
                 let entry_id = entry_id_of(&outlook).expect("an Outlook net is keyed by EntryId");
-                self.create_in_crm(ctx, entry_id, o)
+                self.create_in_crm(ctx, entry_id, o, outlook.as_ref().and_then(|o| o.crm_id))
             }
             (None, Some(Write(o)), Some(m)) => {
                 self.update(ctx, DecisionRow::OutlookChangeMapped, m, None, Some(o), m.crm_version)
@@ -613,7 +645,7 @@ impl<'m> Planner<'m> {
             // Joined by the stamp: the record was deleted in CRM before the item created for it
             // was ever mapped. The item stays, untracked.
             (Some(Gone(_)), Some(Write(_)), None) => {
-                let crm_id = crm.as_ref().map(|c| crm_id_key(&c.key)).expect("CRM side present");
+                let crm_id = crm.as_ref().map(|c| crm_id_key(c.key)).expect("CRM side present");
                 let entry_id = entry_id_of(&outlook).expect("Outlook side present");
                 ctx.act(
                     DecisionRow::CrmDeleteUnmapped,
@@ -684,7 +716,7 @@ impl<'m> Planner<'m> {
     }
 
     fn create_in_outlook(&mut self, ctx: Ctx, crm: &Option<Coalesced>, record: &Record) -> Action {
-        let crm_id = crm.as_ref().map(|c| crm_id_key(&c.key)).expect("CRM side present");
+        let crm_id = crm.as_ref().map(|c| crm_id_key(c.key)).expect("CRM side present");
         if let Some(goid) = &record.goid {
             if let Err(holder) = self.claim_goid(goid, crm_id) {
                 return ctx.reject(RecordError::DuplicateGoid {
@@ -710,8 +742,14 @@ impl<'m> Planner<'m> {
         ctx.act(DecisionRow::CrmChangeUnmapped, op, LinkChange::Link(link), vec![])
     }
 
-    fn create_in_crm(&mut self, ctx: Ctx, entry_id: EntryId, record: &Record) -> Action {
-        let Some(crm_id) = record.crm_id else {
+    fn create_in_crm(
+        &mut self,
+        ctx: Ctx,
+        entry_id: EntryId,
+        record: &Record,
+        stamp: Option<CrmId>,
+    ) -> Action {
+        let Some(crm_id) = stamp else {
             return ctx.reject(RecordError::MissingCrmId { entry_id });
         };
         if let Some(holder) = self.mapping.get(crm_id) {
@@ -932,7 +970,7 @@ fn crm_version(crm: &Option<Coalesced>) -> Option<VersionNumber> {
 }
 
 fn conflict_names(merged: &Merged) -> Vec<String> {
-    merged.conflicts.iter().map(|n| n.to_string()).collect()
+    merged.conflicts.clone()
 }
 
 /// The mapping entry after a change of a held pair: the new base; the role from CRM (which

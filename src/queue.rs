@@ -14,7 +14,7 @@ use crate::index::IdMap;
 
 use crate::change::{Change, ChangeKind, ChangeOp, ChangeStamp, DeleteReason, Record, RecordKey};
 use crate::entity::ObjectTypeCode;
-use crate::ids::VersionNumber;
+use crate::ids::{CrmId, VersionNumber};
 
 /// Most entries one queue may hold. A queue past this is refused rather than slowly processed.
 pub const QUEUE_LEN_MAX: usize = 16_000_000;
@@ -148,16 +148,6 @@ impl<'de> Deserialize<'de> for Queue {
     }
 }
 
-/// The later record of two, keeping the `CrmId` the earlier one carried when the later carries
-/// none: an item queued for creation under a chosen id and edited before it synced keeps that id.
-fn later(earlier: &Record, later: &Record) -> Record {
-    let mut record = later.clone();
-    if record.crm_id.is_none() {
-        record.crm_id = earlier.crm_id;
-    }
-    record
-}
-
 /// Cuts an error text to [`ERROR_TEXT_LEN_MAX`] bytes at a character boundary.
 pub(crate) fn clip_error(text: &str) -> String {
     if text.len() <= ERROR_TEXT_LEN_MAX {
@@ -170,18 +160,18 @@ pub(crate) fn clip_error(text: &str) -> String {
     format!("{}...", &text[..end])
 }
 
-/// The net effect of the changes of one record from one side.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Net {
-    Create(Record),
-    Update(Record),
+/// The net effect of the changes of one record from one side, borrowing the latest record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Net<'q> {
+    Create(&'q Record),
+    Update(&'q Record),
     Delete(DeleteReason),
     /// Created and then deleted. For a record this client never held it is nothing; for one it
     /// holds (a create handed out again) it is a delete. The plan decides, knowing the mapping.
     CreatedThenDeleted(DeleteReason),
 }
 
-impl Net {
+impl<'q> Net<'q> {
     pub fn kind(&self) -> ChangeKind {
         match self {
             Net::Create(_) => ChangeKind::Create,
@@ -190,22 +180,25 @@ impl Net {
         }
     }
 
-    pub fn record(&self) -> Option<&Record> {
-        match self {
+    pub fn record(&self) -> Option<&'q Record> {
+        match *self {
             Net::Create(r) | Net::Update(r) => Some(r),
             Net::Delete(_) | Net::CreatedThenDeleted(_) => None,
         }
     }
 }
 
-/// The changes of one record from one side, folded into one.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Coalesced {
-    pub key: RecordKey,
+/// The changes of one record from one side, folded into one. Borrows the queue entries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Coalesced<'q> {
+    pub key: &'q RecordKey,
     pub object_type: ObjectTypeCode,
     /// The stamp of the latest change folded in.
     pub stamp: ChangeStamp,
-    pub net: Net,
+    pub net: Net<'q>,
+    /// Outlook side: the `CrmId` of the latest record that carries one. An item queued for
+    /// creation under a chosen id and edited before it synced keeps that id.
+    pub crm_id: Option<CrmId>,
     /// The queue entries folded in, in id order. Settling the decision removes exactly these.
     pub consumed: Vec<QueueId>,
 }
@@ -238,7 +231,7 @@ pub enum CoalesceError {
 /// = `CreatedThenDeleted`; update+delete = delete; anything after a delete is an error. A change
 /// repeated with the same stamp (at-least-once delivery) is folded in once; a CRM change with the
 /// same `VersionNumber` as another but a different content is an error.
-pub fn coalesce(entries: &[&QueueEntry]) -> Result<Coalesced, CoalesceError> {
+pub fn coalesce<'q>(entries: &[&'q QueueEntry]) -> Result<Coalesced<'q>, CoalesceError> {
     let first = entries.first().ok_or(CoalesceError::Empty)?;
     let key = first.change.key();
     let order = |a: &&QueueEntry, b: &&QueueEntry| match (a.change.stamp(), b.change.stamp()) {
@@ -257,14 +250,15 @@ pub fn coalesce(entries: &[&QueueEntry]) -> Result<Coalesced, CoalesceError> {
 
     let head = ordered[0];
     let mut acc = Coalesced {
-        key: key.clone(),
+        key,
         object_type: head.change.object_type(),
         stamp: head.change.stamp(),
         net: match head.change.op() {
-            ChangeOp::Create(r) => Net::Create(r.clone()),
-            ChangeOp::Update(r) => Net::Update(r.clone()),
+            ChangeOp::Create(r) => Net::Create(r),
+            ChangeOp::Update(r) => Net::Update(r),
             ChangeOp::Delete(why) => Net::Delete(*why),
         },
+        crm_id: head.change.record().and_then(|r| r.crm_id),
         consumed: Vec::with_capacity(ordered.len()),
     };
     acc.consumed.push(head.id);
@@ -305,12 +299,15 @@ pub fn coalesce(entries: &[&QueueEntry]) -> Result<Coalesced, CoalesceError> {
                     after: entry.id,
                 });
             }
-            (Net::Create(old), ChangeOp::Create(r) | ChangeOp::Update(r)) => Net::Create(later(old, r)),
+            (Net::Create(_), ChangeOp::Create(r) | ChangeOp::Update(r)) => Net::Create(r),
             (Net::Create(_), ChangeOp::Delete(why)) => Net::CreatedThenDeleted(*why),
-            (Net::Update(old), ChangeOp::Create(r) | ChangeOp::Update(r)) => Net::Update(later(old, r)),
+            (Net::Update(_), ChangeOp::Create(r) | ChangeOp::Update(r)) => Net::Update(r),
             (Net::Update(_), ChangeOp::Delete(why)) => Net::Delete(*why),
         };
         acc.stamp = change.stamp();
+        if let Some(id) = change.record().and_then(|r| r.crm_id) {
+            acc.crm_id = Some(id);
+        }
         prev = entry;
     }
     acc.consumed.sort_unstable();

@@ -851,8 +851,13 @@ fn coalesced_entries(entries: &[QueueEntry]) -> Result<Vec<QueueEntry>, String> 
                 .map_err(|e| format!("the coalesced change of {key} ({op:?}) is not a valid change: {e}"))
         };
         match &c.net {
-            Net::Create(r) => out.push(entry(last, one(ChangeOp::Create(r.clone()))?)),
-            Net::Update(r) => out.push(entry(last, one(ChangeOp::Update(r.clone()))?)),
+            // The net change carries the latest record with the CrmId the run carried.
+            Net::Create(r) => {
+                out.push(entry(last, one(ChangeOp::Create(Record { crm_id: c.crm_id, ..(*r).clone() }))?))
+            }
+            Net::Update(r) => {
+                out.push(entry(last, one(ChangeOp::Update(Record { crm_id: c.crm_id, ..(*r).clone() }))?))
+            }
             Net::Delete(why) => out.push(entry(last, one(ChangeOp::Delete(*why))?)),
             Net::CreatedThenDeleted(why) => {
                 let head = group
@@ -890,7 +895,7 @@ proptest! {
             }
             Some(expected) => {
                 let c = got.map_err(|e| TestCaseError::fail(format!("valid sequence refused: {e}")))?;
-                prop_assert_eq!(&c.key, in_order[0].key());
+                prop_assert_eq!(c.key, in_order[0].key());
                 prop_assert_eq!(c.object_type, spec.otc);
                 let mut ids: Vec<QueueId> = entries.iter().map(|e| e.id).collect();
                 ids.sort();

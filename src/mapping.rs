@@ -14,11 +14,12 @@ use crate::entity::ObjectTypeCode;
 use crate::fields::Fields;
 use crate::ids::{CrmId, EntryId, GlobalObjectId, VersionNumber};
 
-/// One linked pair and what both sides last agreed on.
+/// One linked pair and what both sides last agreed on. (`MappingEntry<Option<EntryId>>` is the
+/// `PendingLink` of an action whose Outlook item is known only once it ran.)
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MappingEntry {
+pub struct MappingEntry<E = EntryId> {
     pub crm_id: CrmId,
-    pub entry_id: EntryId,
+    pub entry_id: E,
     pub object_type: ObjectTypeCode,
     /// The synchronised field values of the last agreed version.
     pub base: Fields,
@@ -28,6 +29,23 @@ pub struct MappingEntry {
     /// The newest CRM `VersionNumber` this pair agrees with. A CRM change at or below it is older
     /// news (a late or repeated page) and is dropped.
     pub crm_version: Option<VersionNumber>,
+}
+
+impl MappingEntry<Option<EntryId>> {
+    /// The entry with its Outlook item: its own, else `found` (from the action's outcome).
+    pub fn resolve(&self, found: Option<&EntryId>) -> Option<MappingEntry> {
+        let entry_id = self.entry_id.as_ref().or(found)?.clone();
+        Some(MappingEntry {
+            crm_id: self.crm_id,
+            entry_id,
+            object_type: self.object_type,
+            base: self.base.clone(),
+            goid: self.goid.clone(),
+            role: self.role,
+            status: self.status,
+            crm_version: self.crm_version,
+        })
+    }
 }
 
 /// Why a mapping entry was refused.

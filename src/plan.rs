@@ -14,7 +14,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::change::{ActivityStatus, ChangeKind, ChangeStamp, DeleteReason, Record, RecordKey, Role, Side};
+use crate::change::{ChangeKind, ChangeStamp, DeleteReason, Record, RecordKey, Side};
 use crate::entity::{EntityGroup, ObjectTypeCode};
 use crate::fields::{FieldPatch, Fields};
 use crate::ids::{CrmId, EntryId, GlobalObjectId, VersionNumber};
@@ -149,17 +149,7 @@ pub enum ActionOp {
 
 /// A mapping entry an action will insert; `entry_id` is `None` when the Outlook item is only
 /// known once the action ran (a create in Outlook), and then comes from the outcome.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PendingLink {
-    pub crm_id: CrmId,
-    pub entry_id: Option<EntryId>,
-    pub object_type: ObjectTypeCode,
-    pub base: Fields,
-    pub goid: Option<GlobalObjectId>,
-    pub role: Role,
-    pub status: ActivityStatus,
-    pub crm_version: Option<VersionNumber>,
-}
+pub type PendingLink = MappingEntry<Option<EntryId>>;
 
 /// What the mapping becomes when an action succeeds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

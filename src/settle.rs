@@ -114,22 +114,12 @@ enum Resolved {
 
 fn resolve(link: &LinkChange, applied: &Applied) -> Result<Resolved, ItemError> {
     let entry = |p: &PendingLink| -> Result<MappingEntry, ItemError> {
-        let entry_id = p.entry_id.clone().or_else(|| applied.entry_id.clone()).ok_or_else(|| {
-            ItemError::new(
-                ItemErrorKind::Invalid,
-                format!("success reported for {} without the Outlook item's EntryId", p.crm_id),
-            )
+        let mut entry = p.resolve(applied.entry_id.as_ref()).ok_or_else(|| {
+            let text = format!("success reported for {} without the Outlook item's EntryId", p.crm_id);
+            ItemError::new(ItemErrorKind::Invalid, text)
         })?;
-        Ok(MappingEntry {
-            crm_id: p.crm_id,
-            entry_id,
-            object_type: p.object_type,
-            base: p.base.clone(),
-            goid: p.goid.clone(),
-            role: p.role,
-            status: p.status,
-            crm_version: p.crm_version.max(applied.crm_version),
-        })
+        entry.crm_version = entry.crm_version.max(applied.crm_version);
+        Ok(entry)
     };
     Ok(match link {
         LinkChange::Keep => Resolved::Keep,

@@ -15,11 +15,11 @@ use serde::{Deserialize, Serialize};
 pub const FIELD_COUNT_MAX: usize = 128;
 /// Longest field name, in bytes.
 pub const FIELD_NAME_LEN_MAX: usize = 64;
-/// Longest field value, in bytes (a body or description can be long; 1 MiB is far past any).
-pub const FIELD_VALUE_LEN_MAX: usize = 1 << 20;
+/// Longest field value, in bytes (a body or description can be long; 512 KiB is far past any).
+pub const FIELD_VALUE_LEN_MAX: usize = 512 << 10;
 
 /// Why a field set was refused. Every variant carries the offending name or size.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum FieldsError {
     #[error("a field name must not be empty")]
     EmptyName,
@@ -31,22 +31,44 @@ pub enum FieldsError {
     TooMany(usize),
     #[error("field {0:?} is given twice")]
     Duplicate(String),
+    #[error("{0} bytes of names and values, more than the {FIELDS_DATA_LEN_MAX} one record may hold")]
+    TooLarge(usize),
 }
 
 /// An ordered map of field name to value (subject, start, end, location, full name, ...).
 ///
-/// Stored as one shared block: the names and values of a record in name order in one string, with
-/// their end offsets beside it. Comparing two field sets reads two blocks rather than one heap
-/// object per name and value, and cloning is one reference-count increment.
-#[derive(Clone, Default)]
-pub struct Fields(Option<Arc<Block>>);
+/// Stored as one shared string, so that cloning is one reference-count increment, comparing two
+/// field sets is one string comparison, and reading a record touches one allocation:
+///
+/// ```text
+/// count (2 digits) | per field: name_end, value_end (4 digits each) | names and values
+/// ```
+///
+/// Digits are base 32 written as the ASCII bytes `'0'..='O'`; offsets count from the start of the
+/// names and values, which is why a field set holds at most [`FIELDS_DATA_LEN_MAX`] bytes.
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+pub struct Fields(Option<Arc<str>>);
 
-/// Field `i` is `text[start..name_end]` = `text[name_end..value_end]`, where `start` is the
-/// previous field's `value_end` (0 for the first).
-#[derive(PartialEq, Eq, Hash)]
-struct Block {
-    text: Box<str>,
-    ends: Box<[(u32, u32)]>,
+/// Most bytes of names and values one field set may hold (the largest offset four base-32
+/// digits can write).
+pub const FIELDS_DATA_LEN_MAX: usize = (1 << 20) - 1;
+
+const COUNT_DIGITS: usize = 2;
+const OFFSET_DIGITS: usize = 4;
+const SPAN_LEN: usize = 2 * OFFSET_DIGITS;
+
+fn write_digits(out: &mut String, mut n: usize, digits: usize) {
+    let mut buf = [b'0'; OFFSET_DIGITS];
+    for slot in buf[..digits].iter_mut().rev() {
+        *slot = b'0' + (n % 32) as u8;
+        n /= 32;
+    }
+    debug_assert_eq!(n, 0, "number too large for its digits");
+    buf[..digits].iter().for_each(|&b| out.push(b as char));
+}
+
+fn read_digits(bytes: &[u8]) -> usize {
+    bytes.iter().fold(0, |n, &b| n * 32 + (b - b'0') as usize)
 }
 
 impl Fields {
@@ -72,6 +94,10 @@ impl Fields {
                 return Err(FieldsError::TooMany(sorted.len()));
             }
         }
+        let data_len: usize = sorted.iter().map(|(n, v)| n.as_ref().len() + v.as_ref().len()).sum();
+        if data_len > FIELDS_DATA_LEN_MAX {
+            return Err(FieldsError::TooLarge(data_len));
+        }
         sorted.sort_by(|a, b| a.0.as_ref().cmp(b.0.as_ref()));
         if let Some(dup) = sorted.windows(2).find(|w| w[0].0.as_ref() == w[1].0.as_ref()) {
             return Err(FieldsError::Duplicate(dup[0].0.as_ref().to_owned()));
@@ -80,27 +106,22 @@ impl Fields {
         for (name, value) in &sorted {
             builder.push(name.as_ref(), value.as_ref());
         }
-        Ok(builder.build())
+        builder.build()
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
         self.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
     }
 
-    /// The field at `index` in name order.
-    pub(crate) fn at(&self, index: usize) -> (&str, &str) {
-        let block = self.0.as_deref().expect("index within a non-empty field set");
-        let start = if index == 0 { 0 } else { block.ends[index - 1].1 as usize };
-        let (name_end, value_end) = block.ends[index];
-        (&block.text[start..name_end as usize], &block.text[name_end as usize..value_end as usize])
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        (0..self.len()).map(|i| self.at(i))
+    /// The fields in name order, decoding each offset once.
+    pub fn iter(&self) -> FieldsIter<'_> {
+        let text = self.0.as_deref().unwrap_or("");
+        let len = self.len();
+        FieldsIter { text, index: 0, len, data: COUNT_DIGITS + SPAN_LEN * len, prev_end: 0 }
     }
 
     pub fn len(&self) -> usize {
-        self.0.as_ref().map_or(0, |b| b.ends.len())
+        self.0.as_ref().map_or(0, |text| read_digits(&text.as_bytes()[..COUNT_DIGITS]))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -116,32 +137,49 @@ impl Fields {
         for (name, value) in self.iter().filter(|(n, _)| keep(n)) {
             builder.push(name, value);
         }
-        builder.build()
+        builder.build().expect("a subset of a valid field set is valid")
     }
 
     /// Byte size of names and values, as the server's `DataSize` counts it.
     pub fn data_size(&self) -> usize {
-        self.0.as_ref().map_or(0, |b| b.text.len())
+        self.0.as_ref().map_or(0, |text| text.len() - COUNT_DIGITS - SPAN_LEN * self.len())
     }
 }
 
-impl PartialEq for Fields {
-    fn eq(&self, other: &Fields) -> bool {
-        match (&self.0, &other.0) {
-            (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
-            (None, None) => true,
-            _ => false,
+/// The fields of a `Fields` in name order.
+pub struct FieldsIter<'a> {
+    text: &'a str,
+    index: usize,
+    len: usize,
+    /// Where the names and values start.
+    data: usize,
+    /// Where the previous field's value ended, from `data`.
+    prev_end: usize,
+}
+
+impl<'a> Iterator for FieldsIter<'a> {
+    type Item = (&'a str, &'a str);
+
+    fn next(&mut self) -> Option<(&'a str, &'a str)> {
+        if self.index == self.len {
+            return None;
         }
+        let span = COUNT_DIGITS + SPAN_LEN * self.index;
+        let bytes = &self.text.as_bytes()[span..span + SPAN_LEN];
+        let name_end = read_digits(&bytes[..OFFSET_DIGITS]);
+        let value_end = read_digits(&bytes[OFFSET_DIGITS..]);
+        let (start, data) = (self.prev_end, self.data);
+        self.index += 1;
+        self.prev_end = value_end;
+        Some((&self.text[data + start..data + name_end], &self.text[data + name_end..data + value_end]))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.len - self.index, Some(self.len - self.index))
     }
 }
 
-impl Eq for Fields {}
-
-impl std::hash::Hash for Fields {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.0.as_deref().hash(state);
-    }
-}
+impl ExactSizeIterator for FieldsIter<'_> {}
 
 /// Builds a `Fields` from names pushed in strictly increasing order, taken from other field sets
 /// or already checked against the limits (checked again in debug builds).
@@ -155,9 +193,10 @@ impl FieldsBuilder {
         FieldsBuilder { text: String::with_capacity(fields * 16), ends: Vec::with_capacity(fields) }
     }
 
+    /// Appends a field; `build` refuses the set if it grew past a limit.
     pub(crate) fn push(&mut self, name: &str, value: &str) {
         debug_assert!(self.last_name().is_none_or(|last| last < name), "names not sorted/distinct");
-        debug_assert!(self.ends.len() < FIELD_COUNT_MAX && name.len() <= FIELD_NAME_LEN_MAX);
+        debug_assert!(!name.is_empty() && name.len() <= FIELD_NAME_LEN_MAX);
         self.text.push_str(name);
         let name_end = self.text.len() as u32;
         self.text.push_str(value);
@@ -170,11 +209,26 @@ impl FieldsBuilder {
         Some(&self.text[start as usize..name_end as usize])
     }
 
-    pub(crate) fn build(self) -> Fields {
+    /// The field set; an error if it holds more fields or bytes than one record may (a merge of
+    /// two large sides can).
+    pub(crate) fn build(self) -> Result<Fields, FieldsError> {
         if self.ends.is_empty() {
-            return Fields(None);
+            return Ok(Fields(None));
         }
-        Fields(Some(Arc::new(Block { text: self.text.into_boxed_str(), ends: self.ends.into_boxed_slice() })))
+        if self.ends.len() > FIELD_COUNT_MAX {
+            return Err(FieldsError::TooMany(self.ends.len()));
+        }
+        if self.text.len() > FIELDS_DATA_LEN_MAX {
+            return Err(FieldsError::TooLarge(self.text.len()));
+        }
+        let mut block = String::with_capacity(COUNT_DIGITS + SPAN_LEN * self.ends.len() + self.text.len());
+        write_digits(&mut block, self.ends.len(), COUNT_DIGITS);
+        for (name_end, value_end) in &self.ends {
+            write_digits(&mut block, *name_end as usize, OFFSET_DIGITS);
+            write_digits(&mut block, *value_end as usize, OFFSET_DIGITS);
+        }
+        block.push_str(&self.text);
+        Ok(Fields(Some(Arc::from(block))))
     }
 }
 
@@ -263,31 +317,35 @@ impl FieldPatch {
         if from == to {
             return FieldPatch::default();
         }
-        let (mut set, mut clear) = (0, 0);
-        let (mut i, mut j) = (0, 0);
-        while i < from.len() || j < to.len() {
-            let a = (i < from.len()).then(|| from.at(i));
-            let b = (j < to.len()).then(|| to.at(j));
-            match (a, b) {
-                (Some((na, va)), Some((nb, vb))) if na == nb => {
-                    if va != vb {
+        let (mut set, mut clear): (Mask, Mask) = (0, 0);
+        let mut old = from.iter().enumerate().peekable();
+        let mut new = to.iter().enumerate().peekable();
+        loop {
+            match (old.peek(), new.peek()) {
+                (Some(&(i, (na, va))), Some(&(j, (nb, vb)))) => {
+                    if na == nb {
+                        if va != vb {
+                            set |= 1 << j;
+                        }
+                        old.next();
+                        new.next();
+                    } else if na < nb {
+                        clear |= 1 << i;
+                        old.next();
+                    } else {
                         set |= 1 << j;
+                        new.next();
                     }
-                    i += 1;
-                    j += 1;
                 }
-                (Some((na, _)), Some((nb, _))) if na < nb => {
+                (Some(&(i, _)), None) => {
                     clear |= 1 << i;
-                    i += 1;
+                    old.next();
                 }
-                (Some(_), None) => {
-                    clear |= 1 << i;
-                    i += 1;
-                }
-                _ => {
+                (None, Some(&(j, _))) => {
                     set |= 1 << j;
-                    j += 1;
+                    new.next();
                 }
+                (None, None) => break,
             }
         }
         FieldPatch::new(to.clone(), set, from.clone(), clear)
@@ -302,16 +360,18 @@ impl FieldPatch {
     }
 
     /// The edits in name order.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, Option<&str>)> {
-        let set = ones(self.set).map(|i| self.to.at(i)).map(|(n, v)| (n, Some(v)));
-        let clear = ones(self.clear).map(|i| (self.from.at(i).0, None));
+    pub fn iter<'a>(&'a self) -> impl Iterator<Item = (&'a str, Option<&'a str>)> {
+        let picked =
+            |mask: Mask| move |(i, field): (usize, (&'a str, &'a str))| (mask >> i & 1 == 1).then_some(field);
+        let set = self.to.iter().enumerate().filter_map(picked(self.set)).map(|(n, v)| (n, Some(v)));
+        let clear = self.from.iter().enumerate().filter_map(picked(self.clear)).map(|(n, _)| (n, None));
         let mut edits: Vec<(&str, Option<&str>)> = set.chain(clear).collect();
         edits.sort_unstable_by(|a, b| a.0.cmp(b.0));
         edits.into_iter()
     }
 
-    /// `fields` with this patch written over it.
-    pub fn apply(&self, fields: &Fields) -> Fields {
+    /// `fields` with this patch written over it; an error if the result would pass a limit.
+    pub fn apply(&self, fields: &Fields) -> Result<Fields, FieldsError> {
         let mut map: BTreeMap<&str, &str> = fields.iter().collect();
         for (name, value) in self.iter() {
             match value {
@@ -325,18 +385,6 @@ impl FieldPatch {
         }
         builder.build()
     }
-}
-
-/// The positions of the set bits of `mask`, lowest first.
-fn ones(mut mask: Mask) -> impl Iterator<Item = usize> {
-    std::iter::from_fn(move || {
-        if mask == 0 {
-            return None;
-        }
-        let i = mask.trailing_zeros() as usize;
-        mask &= mask - 1;
-        Some(i)
-    })
 }
 
 impl PartialEq for FieldPatch {
@@ -407,6 +455,22 @@ mod tests {
         let many = (0..=FIELD_COUNT_MAX).map(|i| (format!("f{i}"), String::new()));
         assert_eq!(Fields::try_from_pairs(many), Err(FieldsError::TooMany(FIELD_COUNT_MAX + 1)));
         assert_eq!(Fields::try_from_pairs([("a", "1"), ("a", "2")]), Err(FieldsError::Duplicate("a".into())));
+        let big = "v".repeat(FIELD_VALUE_LEN_MAX);
+        assert_eq!(
+            Fields::try_from_pairs([("a", big.as_str()), ("b", big.as_str())]),
+            Err(FieldsError::TooLarge(2 * FIELD_VALUE_LEN_MAX + 2))
+        );
+    }
+
+    #[test]
+    fn the_block_reads_back_every_field_at_the_limits() {
+        let names: Vec<String> = (0..FIELD_COUNT_MAX).map(|i| format!("field{i:03}")).collect();
+        let value = "é".repeat(3000);
+        let f = Fields::try_from_pairs(names.iter().map(|n| (n.as_str(), value.as_str()))).unwrap();
+        assert_eq!(f.len(), FIELD_COUNT_MAX);
+        assert!(f.iter().zip(&names).all(|((n, v), name)| n == name && v == value));
+        assert_eq!(f.get("field127"), Some(value.as_str()));
+        assert_eq!(f.data_size(), names.iter().map(|n| n.len() + value.len()).sum::<usize>());
     }
 
     #[test]
@@ -423,7 +487,7 @@ mod tests {
         let f = Fields::try_from_pairs([("a", "1"), ("b", "2")]).unwrap();
         let g0 = Fields::try_from_pairs([("b", "2"), ("c", "3")]).unwrap();
         let patch = FieldPatch::between(&f, &g0);
-        let g = patch.apply(&f);
+        let g = patch.apply(&f).unwrap();
         assert_eq!(g, Fields::try_from_pairs([("b", "2"), ("c", "3")]).unwrap());
         let json = serde_json::to_string(&patch).unwrap();
         assert_eq!(json, r#"{"a":null,"c":"3"}"#);

@@ -15,7 +15,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::entity::ObjectTypeCode;
-use crate::fields::{FieldPatch, Fields, FieldsBuilder, Mask};
+use crate::fields::{FieldPatch, Fields, FieldsBuilder, FieldsError, Mask};
 use crate::policy::{FieldConflictPolicy, FieldSyncDirection, Policies};
 
 /// The result of a merge: the new agreed values and what to write to each side to reach them.
@@ -30,13 +30,16 @@ pub struct Merged {
 }
 
 /// Merges the two sides' field values against `base`. `None` for a side means it has no change.
+///
+/// An error when the merged record would hold more fields or bytes than one record may (each
+/// side within the limits, their union past them).
 pub fn merge(
     base: &Fields,
     crm: Option<&Fields>,
     outlook: Option<&Fields>,
     object_type: ObjectTypeCode,
     policies: &Policies,
-) -> Merged {
+) -> Result<Merged, FieldsError> {
     let two_way = policies.field_directions.all_two_way(object_type);
     match (crm, outlook) {
         (Some(side), None) | (None, Some(side)) if two_way => {
@@ -44,18 +47,18 @@ pub fn merge(
             let patch = FieldPatch::between(base, side);
             let (to_crm, to_outlook) =
                 if crm.is_some() { (FieldPatch::default(), patch) } else { (patch, FieldPatch::default()) };
-            return Merged { fields: side.clone(), to_crm, to_outlook, conflicts: Vec::new() };
+            return Ok(Merged { fields: side.clone(), to_crm, to_outlook, conflicts: Vec::new() });
         }
         _ => {}
     }
     merge_fields(base, crm, outlook, object_type, policies)
 }
 
-/// Where a merged value came from: its position in the base, CRM or Outlook field set.
+/// A value met in the walk: its position in its field set, and the value.
 #[derive(Clone, Copy)]
-struct Pick {
-    list: usize,
+struct Pick<'a> {
     index: usize,
+    value: &'a str,
 }
 
 fn merge_fields(
@@ -64,19 +67,21 @@ fn merge_fields(
     outlook: Option<&Fields>,
     object_type: ObjectTypeCode,
     policies: &Policies,
-) -> Merged {
+) -> Result<Merged, FieldsError> {
     let crm_changed = crm.is_some();
     let outlook_changed = outlook.is_some();
     let crm = crm.unwrap_or(base);
     let outlook = outlook.unwrap_or(base);
     let lists = [base, crm, outlook];
     let mut result = FieldsBuilder::with_capacity(crm.len().max(outlook.len()));
-    let mut result_len = 0;
+    let mut result_len: u32 = 0;
     let (mut set_crm, mut set_outlook, mut clear_crm, mut clear_outlook): (Mask, Mask, Mask, Mask) =
         (0, 0, 0, 0);
     let mut conflicts = Vec::new();
     walk(&lists, |name, at| {
-        let value = |p: Option<Pick>| p.map(|p| lists[p.list].at(p.index).1);
+        fn value<'a>(p: Option<Pick<'a>>) -> Option<&'a str> {
+            p.map(|p| p.value)
+        }
         let [b, c, o] = at;
         let same = |x: Option<Pick>, y: Option<Pick>| value(x) == value(y);
         let direction = policies.field_directions.get(object_type, name);
@@ -102,7 +107,8 @@ fn merge_fields(
         match value(r) {
             Some(v) => {
                 result.push(name, v);
-                let bit: Mask = 1 << result_len;
+                // Past the field limit `build` refuses the result; no position is recorded.
+                let bit: Mask = 1u128.checked_shl(result_len).unwrap_or(0);
                 result_len += 1;
                 if write_crm {
                     set_crm |= bit;
@@ -122,37 +128,32 @@ fn merge_fields(
             }
         }
     });
-    let fields = result.build();
-    debug_assert!(set_crm | set_outlook == 0 || fields.len() == result_len);
-    Merged {
+    let fields = result.build()?;
+    debug_assert_eq!(fields.len(), result_len as usize);
+    Ok(Merged {
         to_crm: FieldPatch::new(fields.clone(), set_crm, crm.clone(), clear_crm),
         to_outlook: FieldPatch::new(fields.clone(), set_outlook, outlook.clone(), clear_outlook),
         fields,
         conflicts,
-    }
+    })
 }
 
 /// Walks the union of the names of the three field sets in name order, handing each name with
-/// its position in each set (`None` where absent).
-fn walk(lists: &[&Fields; 3], mut visit: impl FnMut(&str, [Option<Pick>; 3])) {
-    let mut at = [0usize; 3];
+/// its value and position in each set (`None` where absent).
+fn walk<'a>(lists: &[&'a Fields; 3], mut visit: impl FnMut(&'a str, [Option<Pick<'a>>; 3])) {
+    let mut iters = lists.map(|l| l.iter().enumerate().peekable());
     loop {
-        let mut next: Option<&str> = None;
-        for (list, &i) in lists.iter().zip(&at) {
-            if i < list.len() {
-                let name = list.at(i).0;
-                if next.is_none_or(|n| name < n) {
-                    next = Some(name);
-                }
-            }
-        }
+        let next = iters.iter_mut().filter_map(|it| it.peek().map(|&(_, (name, _))| name)).min();
         let Some(name) = next else { return };
-        let picks: [Option<Pick>; 3] = std::array::from_fn(|l| {
-            let i = at[l];
-            (i < lists[l].len() && lists[l].at(i).0 == name).then(|| {
-                at[l] += 1;
-                Pick { list: l, index: i }
-            })
+        let picks: [Option<Pick<'a>>; 3] = std::array::from_fn(|l| {
+            let it = &mut iters[l];
+            match it.peek() {
+                Some(&(index, (n, value))) if n == name => {
+                    it.next();
+                    Some(Pick { index, value })
+                }
+                _ => None,
+            }
         });
         visit(name, picks);
     }
@@ -172,7 +173,8 @@ mod tests {
         let base = f(&[("a", "1"), ("b", "1")]);
         let crm = f(&[("a", "2"), ("b", "1")]);
         let outlook = f(&[("a", "1"), ("b", "3")]);
-        let m = merge(&base, Some(&crm), Some(&outlook), ObjectTypeCode::Contact, &Policies::default());
+        let m =
+            merge(&base, Some(&crm), Some(&outlook), ObjectTypeCode::Contact, &Policies::default()).unwrap();
         assert_eq!(m.fields, f(&[("a", "2"), ("b", "3")]));
         assert_eq!(m.to_crm.iter().collect::<Vec<_>>(), [("b", Some("3"))]);
         assert_eq!(m.to_outlook.iter().collect::<Vec<_>>(), [("a", Some("2"))]);
@@ -185,11 +187,11 @@ mod tests {
         let crm = f(&[("a", "2")]);
         let outlook = f(&[("a", "3")]);
         let mut p = Policies::default();
-        let m = merge(&base, Some(&crm), Some(&outlook), ObjectTypeCode::Contact, &p);
+        let m = merge(&base, Some(&crm), Some(&outlook), ObjectTypeCode::Contact, &p).unwrap();
         assert_eq!(m.fields, crm);
         assert_eq!(m.conflicts, ["a"]);
         p.field_conflict = FieldConflictPolicy::OutlookWins;
-        let m = merge(&base, Some(&crm), Some(&outlook), ObjectTypeCode::Contact, &p);
+        let m = merge(&base, Some(&crm), Some(&outlook), ObjectTypeCode::Contact, &p).unwrap();
         assert_eq!(m.fields, outlook);
         assert!(m.to_outlook.is_empty());
     }
@@ -198,9 +200,25 @@ mod tests {
     fn removed_field_is_cleared_on_the_other_side() {
         let base = f(&[("a", "1"), ("b", "1")]);
         let crm = f(&[("a", "1")]);
-        let m = merge(&base, Some(&crm), None, ObjectTypeCode::Task, &Policies::default());
+        let m = merge(&base, Some(&crm), None, ObjectTypeCode::Task, &Policies::default()).unwrap();
         assert_eq!(m.to_outlook.iter().collect::<Vec<_>>(), [("b", None)]);
         assert_eq!(m.fields, crm);
+    }
+
+    #[test]
+    fn a_union_past_the_field_limit_is_an_error() {
+        let side = |prefix: &str| {
+            Fields::try_from_pairs((0..100).map(|i| (format!("{prefix}{i:03}"), "x".to_owned()))).unwrap()
+        };
+        let (crm, outlook) = (side("a"), side("b"));
+        let merged = merge(
+            &Fields::empty(),
+            Some(&crm),
+            Some(&outlook),
+            ObjectTypeCode::Contact,
+            &Policies::default(),
+        );
+        assert_eq!(merged, Err(FieldsError::TooMany(200)));
     }
 
     #[test]
@@ -213,12 +231,12 @@ mod tests {
         let base = f(&[("c2o", "1"), ("none", "1")]);
         // Outlook edits a CRM->Outlook field: nothing is written, the base keeps CRM's value.
         let outlook = f(&[("c2o", "9"), ("none", "9")]);
-        let m = merge(&base, None, Some(&outlook), ObjectTypeCode::Contact, &p);
+        let m = merge(&base, None, Some(&outlook), ObjectTypeCode::Contact, &p).unwrap();
         assert!(m.to_crm.is_empty() && m.to_outlook.is_empty());
         assert_eq!(m.fields, f(&[("c2o", "1")]));
         // The next CRM change overwrites the Outlook edit; the unsynchronised field stays apart.
         let crm = f(&[("c2o", "1"), ("none", "5")]);
-        let m = merge(&base, Some(&crm), Some(&outlook), ObjectTypeCode::Contact, &p);
+        let m = merge(&base, Some(&crm), Some(&outlook), ObjectTypeCode::Contact, &p).unwrap();
         assert_eq!(m.to_outlook.iter().collect::<Vec<_>>(), [("c2o", Some("1"))]);
         assert!(m.to_crm.is_empty());
     }

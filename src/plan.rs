@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::change::{ChangeKind, ChangeStamp, DeleteReason, Record, RecordKey, Side};
 use crate::entity::{EntityGroup, ObjectTypeCode};
-use crate::fields::{FieldPatch, Fields};
+use crate::fields::{FieldPatch, Fields, FieldsError};
 use crate::ids::{CrmId, EntryId, GlobalObjectId, VersionNumber};
 use crate::index::IdMap;
 use crate::mapping::{Mapping, MappingEntry};
@@ -205,6 +205,8 @@ pub enum RecordError {
     StampTaken { entry_id: EntryId, crm_id: CrmId, holder: EntryId },
     #[error("{entry_id} is stamped with {crm_id}, which another change of this run already uses")]
     StampInUse { entry_id: EntryId, crm_id: CrmId },
+    #[error("{key}: the merged record is too large: {error}")]
+    Fields { key: RecordKey, error: FieldsError },
     #[error("{entry_id}: an untracked item's change carries no CrmId to create it under")]
     MissingCrmId { entry_id: EntryId },
 }
@@ -564,7 +566,10 @@ impl<'m> Planner<'m> {
             }
             (Some(Write(c)), Some(Gone(_)), Some(m)) => match self.policies.update_vs_delete {
                 UpdateVsDeletePolicy::UpdateWins => {
-                    let merged = merge(&m.base, Some(&c.fields), None, object_type, self.policies);
+                    let merged = merged_or_reject!(
+                        ctx,
+                        merge(&m.base, Some(&c.fields), None, object_type, self.policies)
+                    );
                     let op = ActionOp::CreateInOutlook {
                         crm_id: m.crm_id,
                         fields: merged.fields.clone(),
@@ -594,7 +599,10 @@ impl<'m> Planner<'m> {
                     vec![],
                 ),
                 (DeleteReason::Deleted, UpdateVsDeletePolicy::UpdateWins) => {
-                    let merged = merge(&m.base, None, Some(&o.fields), object_type, self.policies);
+                    let merged = merged_or_reject!(
+                        ctx,
+                        merge(&m.base, None, Some(&o.fields), object_type, self.policies)
+                    );
                     let new_id = m.crm_id.successor();
                     let op = ActionOp::CreateInCrm {
                         crm_id: new_id,
@@ -716,7 +724,10 @@ impl<'m> Planner<'m> {
                 });
             }
         }
-        let merged = merge(&Fields::empty(), Some(&record.fields), None, ctx.object_type, self.policies);
+        let merged = merged_or_reject!(
+            ctx,
+            merge(&Fields::empty(), Some(&record.fields), None, ctx.object_type, self.policies)
+        );
         let goid_search = record.goid.clone().filter(|_| ctx.object_type.is_calendar());
         let op = ActionOp::CreateInOutlook { crm_id, fields: merged.fields.clone(), goid_search };
         let link = PendingLink {
@@ -761,7 +772,10 @@ impl<'m> Planner<'m> {
                 });
             }
         }
-        let merged = merge(&Fields::empty(), None, Some(&record.fields), ctx.object_type, self.policies);
+        let merged = merged_or_reject!(
+            ctx,
+            merge(&Fields::empty(), None, Some(&record.fields), ctx.object_type, self.policies)
+        );
         let op = ActionOp::CreateInCrm { crm_id, entry_id: entry_id.clone(), fields: merged.fields.clone() };
         let link = PendingLink {
             crm_id,
@@ -799,8 +813,10 @@ impl<'m> Planner<'m> {
                 });
             }
         }
-        let merged =
-            merge(&Fields::empty(), Some(&crm.fields), Some(&outlook.fields), ctx.object_type, self.policies);
+        let merged = merged_or_reject!(
+            ctx,
+            merge(&Fields::empty(), Some(&crm.fields), Some(&outlook.fields), ctx.object_type, self.policies)
+        );
         let conflicts = conflict_names(&merged);
         let op = ActionOp::Update {
             crm_id,
@@ -830,12 +846,15 @@ impl<'m> Planner<'m> {
         outlook: Option<&Record>,
         version: Option<VersionNumber>,
     ) -> Action {
-        let merged = merge(
-            &m.base,
-            crm.map(|r| &r.fields),
-            outlook.map(|r| &r.fields),
-            ctx.object_type,
-            self.policies,
+        let merged = merged_or_reject!(
+            ctx,
+            merge(
+                &m.base,
+                crm.map(|r| &r.fields),
+                outlook.map(|r| &r.fields),
+                ctx.object_type,
+                self.policies,
+            )
         );
         let conflicts = conflict_names(&merged);
         let op = ActionOp::Update {
@@ -896,6 +915,20 @@ impl<'m> Planner<'m> {
         }
     }
 }
+
+/// Unwraps a merge, or rejects the record when its merged fields pass a limit.
+macro_rules! merged_or_reject {
+    ($ctx:expr, $merge:expr) => {
+        match $merge {
+            Ok(merged) => merged,
+            Err(error) => {
+                let key = $ctx.order.key.clone();
+                return $ctx.reject(RecordError::Fields { key, error });
+            }
+        }
+    };
+}
+use merged_or_reject;
 
 /// One side's change after normalising: something to write, or a delete.
 enum Upsert<'c> {

@@ -312,3 +312,19 @@ fn a_goid_join_never_takes_the_record_another_item_is_stamped_with() {
         [RecordError::DuplicateGoid { key: RecordKey::Outlook(e("E0")), goid: goid(3), holder: id(1) }]
     );
 }
+
+#[test]
+fn plan_rejects_a_merge_past_the_field_limit() {
+    let many = |prefix: &str| -> Vec<(String, String)> {
+        (0..100).map(|i| (format!("{prefix}{i:03}"), "x".into())).collect()
+    };
+    let record = |pairs: Vec<(String, String)>| Record::new(Fields::try_from_pairs(pairs).unwrap());
+    let world = World::new()
+        .map(1, "E1", Contact, &[])
+        .crm(1, Contact, 11, ChangeOp::Update(record(many("a"))))
+        .outlook("E1", Contact, 1, ChangeOp::Update(record(many("b"))));
+    assert_eq!(
+        rejected(&world),
+        [RecordError::Fields { key: RecordKey::Crm(id(1)), error: FieldsError::TooMany(200) }]
+    );
+}

@@ -17,6 +17,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 pub mod change;
+pub mod clock;
 pub mod entity;
 pub mod fields;
 pub mod ids;
@@ -26,7 +27,11 @@ pub mod merge;
 pub mod plan;
 pub mod policy;
 pub mod queue;
+#[cfg(feature = "sqlite")]
+pub mod server;
 pub mod settle;
+#[cfg(feature = "sqlite")]
+pub mod summary;
 
 pub use change::{
     ActivityStatus, Change, ChangeError, ChangeKind, ChangeOp, ChangeStamp, DeleteReason, Record, RecordKey,
@@ -47,3 +52,5 @@ pub use policy::{
 };
 pub use queue::{CoalesceError, Coalesced, Net, Queue, QueueEntry, QueueError, QueueId, coalesce};
 pub use settle::{Applied, IgnoredError, ItemError, ItemErrorKind, Outcome, SyncState, settle};
+#[cfg(feature = "sqlite")]
+pub use summary::{Counts, SummaryError, SyncSummary};

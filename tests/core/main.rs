@@ -8,4 +8,6 @@
 mod bad_input;
 mod decision_table;
 mod properties;
+#[cfg(feature = "sqlite")]
+mod server;
 mod support;

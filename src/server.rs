@@ -1,0 +1,985 @@
+//! The CRM server side on SQLite (DOMAIN section 2): the records of every synchronised entity,
+//! the users, `Subscription`, `SubscriptionClients`, `SubscriptionSyncInfo` and one
+//! `SyncEntry_<guid>` table per subscription, behind the [`CrmService`] trait the client talks
+//! through.
+//!
+//! How a change reaches a client:
+//! - every write to a record (create, update, delete, owner change, attendee change) stamps it
+//!   with the next value of one organisation-wide counter (`VersionNumber`); a deleted record
+//!   leaves a tombstone with its delete's version, and its `CrmId` is never used again;
+//! - *prepare sync* looks only at records and tombstones newer than the subscription's
+//!   watermark (`AckedVersion`), decides per record create / update / delete against the sync
+//!   filter and `SyncEntry_<guid>`, stores the result in `PreparedChange` in (`VersionNumber`,
+//!   `CrmId`) order and answers the XML summary;
+//! - *get sync data* pages through `PreparedChange`, handing out each record as it is now; a
+//!   record the client never confirmed holding gets a `SyncEntry` row in `State` 1;
+//! - *acknowledge* (through a page's last sequence number) moves those `SyncEntry` rows to
+//!   `State` 0 (held) or 2 (deleted on the client) and raises the watermark. What was handed out
+//!   and not acknowledged stays above the watermark, so the next prepare hands it out again.
+//!
+//! A file that is not a crmsync server store, or is of a newer schema, is refused with a typed
+//! error before anything is written to it.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::change::{ActivityStatus, Change, ChangeError, ChangeKind, ChangeOp, DeleteReason, Record, Role};
+use crate::clock::Clock;
+use crate::entity::{EntityGroup, ObjectTypeCode, UnknownObjectTypeCode};
+use crate::fields::{FieldPatch, Fields, FieldsError};
+use crate::ids::{CrmId, GlobalObjectId, IdError, VersionNumber};
+use crate::summary::{SummaryError, SyncSummary};
+
+/// `PRAGMA application_id` of a crmsync server store ("CRMS").
+pub const SERVER_APPLICATION_ID: i32 = 0x4352_4D53;
+/// The schema version this build writes and reads (`PRAGMA user_version`).
+pub const SERVER_SCHEMA_VERSION: i32 = 1;
+/// Largest page *get sync data* hands out.
+pub const PAGE_SIZE_MAX: usize = 10_000;
+/// Longest machine name, in bytes.
+pub const MACHINE_NAME_LEN_MAX: usize = 256;
+
+macro_rules! uuid_newtype {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[serde(try_from = "Uuid", into = "Uuid")]
+        pub struct $name(Uuid);
+
+        impl $name {
+            pub fn new(uuid: Uuid) -> Result<Self, IdError> {
+                if uuid.is_nil() {
+                    return Err(IdError::NilCrmId);
+                }
+                Ok(Self(uuid))
+            }
+
+            pub fn as_uuid(&self) -> &Uuid {
+                &self.0
+            }
+        }
+
+        impl TryFrom<Uuid> for $name {
+            type Error = IdError;
+            fn try_from(uuid: Uuid) -> Result<Self, IdError> {
+                Self::new(uuid)
+            }
+        }
+
+        impl From<$name> for Uuid {
+            fn from(id: $name) -> Uuid {
+                id.0
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = IdError;
+            fn from_str(s: &str) -> Result<Self, IdError> {
+                Self::new(Uuid::parse_str(s).map_err(|_| IdError::NotAGuid(s.to_owned()))?)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({})", stringify!($name), self.0)
+            }
+        }
+    };
+}
+
+uuid_newtype!(
+    /// A CRM user (`SystemUserId`).
+    SystemUserId
+);
+uuid_newtype!(
+    /// One subscription of one user on one machine (`SubscriptionId`).
+    SubscriptionId
+);
+
+impl SubscriptionId {
+    /// `SyncEntry_<guid without dashes>`.
+    pub fn sync_entry_table(&self) -> String {
+        format!("SyncEntry_{}", self.0.simple())
+    }
+}
+
+/// The kind of sync a subscription is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum SubscriptionType {
+    Offline = 0,
+    Outlook = 1,
+    /// Kept and reported, never synchronised (the address book is synced by MAPI).
+    AddressBookProvider = 2,
+}
+
+impl SubscriptionType {
+    pub fn code(self) -> i64 {
+        self as i64
+    }
+
+    pub fn from_code(code: i64) -> Option<SubscriptionType> {
+        match code {
+            0 => Some(SubscriptionType::Offline),
+            1 => Some(SubscriptionType::Outlook),
+            2 => Some(SubscriptionType::AddressBookProvider),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SubscriptionType::Offline => "Offline",
+            SubscriptionType::Outlook => "Outlook",
+            SubscriptionType::AddressBookProvider => "AddressBookProvider",
+        }
+    }
+}
+
+/// Why a server store file could not be opened. The file is left as it was.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("{path}: not a crmsync server store (application_id {found:#x})")]
+    NotAServerStore { path: PathBuf, found: i32 },
+    #[error("{path}: schema version {found} is newer than the {SERVER_SCHEMA_VERSION} this build reads")]
+    NewerSchema { path: PathBuf, found: i32 },
+    #[error("{path}: {source}")]
+    Sqlite { path: PathBuf, source: rusqlite::Error },
+}
+
+/// Why a server operation failed. Every variant carries the offending value.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("no user {0}")]
+    UnknownUser(SystemUserId),
+    #[error("no subscription {0}")]
+    UnknownSubscription(SubscriptionId),
+    #[error("machine {client:?} is not a client of subscription {subscription}")]
+    UnknownClient { subscription: SubscriptionId, client: String },
+    #[error("machine name {0:?} is empty or longer than {MACHINE_NAME_LEN_MAX} bytes")]
+    BadMachineName(String),
+    #[error("subscription {subscription} is an {kind:?} subscription, which is never synchronised")]
+    NotSynchronised { subscription: SubscriptionId, kind: SubscriptionType },
+    #[error("no record {0}")]
+    UnknownRecord(CrmId),
+    #[error("record {0} was deleted; a CrmId is never used again")]
+    RecordDeleted(CrmId),
+    #[error("record {crm_id} already exists with other values; a retried create must repeat them")]
+    CreateConflict { crm_id: CrmId },
+    #[error("page size {0} is not within 1..={PAGE_SIZE_MAX}")]
+    PageSize(usize),
+    #[error("{table}.{column} holds {value:?}, which is not valid")]
+    Corrupt { table: &'static str, column: &'static str, value: String },
+    #[error(transparent)]
+    Fields(#[from] FieldsError),
+    #[error(transparent)]
+    Summary(#[from] SummaryError),
+    #[error(transparent)]
+    Change(#[from] ChangeError),
+}
+
+/// A page of *get sync data*.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncPage {
+    /// The changes, in (`VersionNumber`, `CrmId`) order.
+    pub changes: Vec<Change>,
+    /// The sequence number of the last change; acknowledge through it once the page is queued.
+    pub last_seq: Option<u64>,
+    /// Whether prepared changes remain after this page.
+    pub more: bool,
+    /// Bytes of field data handed out in this page.
+    pub data_size: u64,
+}
+
+/// The edge the client talks through. `ServerStore` implements it; the simulator wraps it with
+/// faults.
+pub trait CrmService {
+    /// Creates the user's subscription of `kind` on `machine`, its SyncEntry table and its
+    /// SubscriptionClients row. A machine's first Outlook subscription of a user with no primary
+    /// client becomes primary.
+    fn register_client(
+        &mut self,
+        user: SystemUserId,
+        machine: &str,
+        kind: SubscriptionType,
+    ) -> Result<SubscriptionId, ServerError>;
+    /// Makes `subscription`'s machine the user's primary client (an explicit, logged act).
+    fn set_primary_client(&mut self, subscription: SubscriptionId) -> Result<(), ServerError>;
+    /// Removes the subscription, its client row and its SyncEntry table (desynchronise).
+    fn unregister_client(&mut self, subscription: SubscriptionId) -> Result<(), ServerError>;
+    fn prepare_sync(&mut self, subscription: SubscriptionId) -> Result<SyncSummary, ServerError>;
+    /// The prepared changes after sequence number `after`, at most `page_size` of them.
+    fn get_sync_data(
+        &mut self,
+        subscription: SubscriptionId,
+        after: Option<u64>,
+        page_size: usize,
+    ) -> Result<SyncPage, ServerError>;
+    /// The client holds every change through `through` durably.
+    fn acknowledge(&mut self, subscription: SubscriptionId, through: u64) -> Result<(), ServerError>;
+    /// Creates a record with the client-chosen id, owned by `user`. A retry with the same values
+    /// is a success (returns the record's version); other values are a `CreateConflict`.
+    fn create_record(
+        &mut self,
+        user: SystemUserId,
+        crm_id: CrmId,
+        object_type: ObjectTypeCode,
+        record: &Record,
+    ) -> Result<VersionNumber, ServerError>;
+    fn update_record(&mut self, crm_id: CrmId, patch: &FieldPatch) -> Result<VersionNumber, ServerError>;
+    /// Deletes a record; deleting a deleted record is a success.
+    fn delete_record(&mut self, crm_id: CrmId) -> Result<VersionNumber, ServerError>;
+}
+
+/// One record as the server holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerRecord {
+    pub crm_id: CrmId,
+    pub object_type: ObjectTypeCode,
+    pub owner: SystemUserId,
+    pub version: VersionNumber,
+    pub fields: Fields,
+    pub goid: Option<GlobalObjectId>,
+    pub status: ActivityStatus,
+    pub attendees: Vec<SystemUserId>,
+}
+
+/// The server's database.
+pub struct ServerStore {
+    conn: Connection,
+    clock: Box<dyn Clock>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE SystemUser (SystemUserId TEXT PRIMARY KEY, FullName TEXT NOT NULL);
+CREATE TABLE Counter (Name TEXT PRIMARY KEY, Value INTEGER NOT NULL);
+INSERT INTO Counter VALUES ('VersionNumber', 0);
+CREATE TABLE Record (
+    ObjectId TEXT PRIMARY KEY,
+    ObjectTypeCode INTEGER NOT NULL,
+    OwnerId TEXT NOT NULL,
+    VersionNumber INTEGER NOT NULL UNIQUE,
+    Fields TEXT NOT NULL,
+    GlobalObjectId TEXT,
+    StateCode INTEGER NOT NULL
+);
+CREATE INDEX Record_Owner ON Record (OwnerId);
+CREATE TABLE Attendee (ObjectId TEXT NOT NULL, SystemUserId TEXT NOT NULL, PRIMARY KEY (ObjectId, SystemUserId));
+CREATE INDEX Attendee_User ON Attendee (SystemUserId);
+CREATE TABLE Tombstone (ObjectId TEXT PRIMARY KEY, ObjectTypeCode INTEGER NOT NULL, VersionNumber INTEGER NOT NULL UNIQUE);
+CREATE TABLE Subscription (
+    SubscriptionId TEXT PRIMARY KEY,
+    SystemUserId TEXT NOT NULL,
+    MachineName TEXT NOT NULL,
+    SubscriptionType INTEGER NOT NULL,
+    SyncEntryTableName TEXT NOT NULL UNIQUE,
+    LastSyncStartedOn TEXT,
+    CompletedSyncStartedOn TEXT,
+    AckedVersion INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE SubscriptionClients (
+    SubscriptionId TEXT NOT NULL,
+    ClientId TEXT NOT NULL,
+    IsPrimaryClient INTEGER NOT NULL,
+    PRIMARY KEY (SubscriptionId, ClientId)
+);
+CREATE TABLE SubscriptionSyncInfo (
+    SyncInfoId INTEGER PRIMARY KEY,
+    SubscriptionId TEXT NOT NULL,
+    StartTime TEXT NOT NULL,
+    EndTime TEXT,
+    DataSize INTEGER NOT NULL DEFAULT 0,
+    InsertObjectCount INTEGER NOT NULL DEFAULT 0,
+    UpdateObjectCount INTEGER NOT NULL DEFAULT 0,
+    DeleteObjectCount INTEGER NOT NULL DEFAULT 0,
+    ErrorCount INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE PreparedChange (
+    SubscriptionId TEXT NOT NULL,
+    Seq INTEGER NOT NULL,
+    ObjectId TEXT NOT NULL,
+    ObjectTypeCode INTEGER NOT NULL,
+    VersionNumber INTEGER NOT NULL,
+    Kind INTEGER NOT NULL,
+    HandedOutKind INTEGER,
+    PRIMARY KEY (SubscriptionId, Seq)
+);
+";
+
+fn kind_code(kind: ChangeKind) -> i64 {
+    match kind {
+        ChangeKind::Create => 0,
+        ChangeKind::Update => 1,
+        ChangeKind::Delete => 2,
+    }
+}
+
+fn status_code(status: ActivityStatus) -> i64 {
+    match status {
+        ActivityStatus::Open => 0,
+        ActivityStatus::Completed => 1,
+        ActivityStatus::Cancelled => 2,
+    }
+}
+
+fn corrupt(table: &'static str, column: &'static str, value: impl fmt::Display) -> ServerError {
+    ServerError::Corrupt { table, column, value: value.to_string() }
+}
+
+fn parse_crm_id(table: &'static str, text: &str) -> Result<CrmId, ServerError> {
+    text.parse().map_err(|_| corrupt(table, "ObjectId", text))
+}
+
+fn parse_user(table: &'static str, text: &str) -> Result<SystemUserId, ServerError> {
+    text.parse().map_err(|_| corrupt(table, "SystemUserId", text))
+}
+
+fn parse_otc(table: &'static str, code: i64) -> Result<ObjectTypeCode, ServerError> {
+    u32::try_from(code).map_err(|_| corrupt(table, "ObjectTypeCode", code)).and_then(|c| {
+        ObjectTypeCode::try_from(c).map_err(|UnknownObjectTypeCode(n)| corrupt(table, "ObjectTypeCode", n))
+    })
+}
+
+fn version(table: &'static str, v: i64) -> Result<VersionNumber, ServerError> {
+    u64::try_from(v).map(VersionNumber).map_err(|_| corrupt(table, "VersionNumber", v))
+}
+
+impl ServerStore {
+    /// Opens the store at `path`, creating it when the file does not exist or is empty.
+    pub fn open(path: &Path, clock: Box<dyn Clock>) -> Result<ServerStore, OpenError> {
+        let sqlite = |source| OpenError::Sqlite { path: path.to_owned(), source };
+        let fresh = std::fs::metadata(path).map(|m| m.len() == 0).unwrap_or(true);
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(path, flags).map_err(sqlite)?;
+        if !fresh {
+            // Read the header before anything writes to the file.
+            let found: i32 = conn.query_row("PRAGMA application_id", [], |r| r.get(0)).map_err(sqlite)?;
+            if found != SERVER_APPLICATION_ID {
+                return Err(OpenError::NotAServerStore { path: path.to_owned(), found });
+            }
+            let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sqlite)?;
+            if version > SERVER_SCHEMA_VERSION {
+                return Err(OpenError::NewerSchema { path: path.to_owned(), found: version });
+            }
+        }
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(sqlite)?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(sqlite)?;
+        let store = ServerStore { conn, clock };
+        if fresh {
+            store.create_schema().map_err(sqlite)?;
+        }
+        Ok(store)
+    }
+
+    /// A store in memory (tests, the simulator).
+    pub fn in_memory(clock: Box<dyn Clock>) -> Result<ServerStore, rusqlite::Error> {
+        let store = ServerStore { conn: Connection::open_in_memory()?, clock };
+        store.create_schema()?;
+        Ok(store)
+    }
+
+    fn create_schema(&self) -> Result<(), rusqlite::Error> {
+        self.conn.execute_batch(&format!(
+            "BEGIN; {SCHEMA} PRAGMA application_id = {SERVER_APPLICATION_ID}; \
+             PRAGMA user_version = {SERVER_SCHEMA_VERSION}; COMMIT;"
+        ))
+    }
+
+    fn now(&self) -> String {
+        self.clock.now().to_rfc3339()
+    }
+
+    fn next_version(&self) -> Result<VersionNumber, ServerError> {
+        let v: i64 = self.conn.query_row(
+            "UPDATE Counter SET Value = Value + 1 WHERE Name = 'VersionNumber' RETURNING Value",
+            [],
+            |r| r.get(0),
+        )?;
+        version("Counter", v)
+    }
+
+    pub fn add_user(&mut self, user: SystemUserId, full_name: &str) -> Result<(), ServerError> {
+        self.conn.execute(
+            "INSERT INTO SystemUser VALUES (?1, ?2) ON CONFLICT (SystemUserId) DO UPDATE SET FullName = ?2",
+            params![user.to_string(), full_name],
+        )?;
+        Ok(())
+    }
+
+    fn check_user(&self, user: SystemUserId) -> Result<(), ServerError> {
+        let found: Option<i64> = self
+            .conn
+            .query_row("SELECT 1 FROM SystemUser WHERE SystemUserId = ?1", [user.to_string()], |r| r.get(0))
+            .optional()?;
+        found.map(|_| ()).ok_or(ServerError::UnknownUser(user))
+    }
+
+    /// The record as it is now, or `None` if there is none (never created, or deleted).
+    pub fn record(&self, crm_id: CrmId) -> Result<Option<ServerRecord>, ServerError> {
+        let row = self
+            .conn
+            .query_row(
+                "SELECT ObjectTypeCode, OwnerId, VersionNumber, Fields, GlobalObjectId, StateCode \
+                 FROM Record WHERE ObjectId = ?1",
+                [crm_id.to_string()],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, Option<String>>(4)?,
+                        r.get::<_, i64>(5)?,
+                    ))
+                },
+            )
+            .optional()?;
+        let Some((otc, owner, v, fields, goid, state)) = row else { return Ok(None) };
+        let fields: Fields =
+            serde_json::from_str(&fields).map_err(|_| corrupt("Record", "Fields", &fields))?;
+        let goid = goid
+            .map(|g| GlobalObjectId::from_hex(&g).map_err(|_| corrupt("Record", "GlobalObjectId", &g)))
+            .transpose()?;
+        let status = match state {
+            0 => ActivityStatus::Open,
+            1 => ActivityStatus::Completed,
+            2 => ActivityStatus::Cancelled,
+            other => return Err(corrupt("Record", "StateCode", other)),
+        };
+        let mut stmt =
+            self.conn.prepare_cached("SELECT SystemUserId FROM Attendee WHERE ObjectId = ?1 ORDER BY 1")?;
+        let attendees = stmt
+            .query_map([crm_id.to_string()], |r| r.get::<_, String>(0))?
+            .map(|u| parse_user("Attendee", &u?))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Some(ServerRecord {
+            crm_id,
+            object_type: parse_otc("Record", otc)?,
+            owner: parse_user("Record", &owner)?,
+            version: version("Record", v)?,
+            fields,
+            goid,
+            status,
+            attendees,
+        }))
+    }
+
+    fn is_tombstoned(&self, crm_id: CrmId) -> Result<bool, ServerError> {
+        let found: Option<i64> = self
+            .conn
+            .query_row("SELECT 1 FROM Tombstone WHERE ObjectId = ?1", [crm_id.to_string()], |r| r.get(0))
+            .optional()?;
+        Ok(found.is_some())
+    }
+
+    fn existing(&self, crm_id: CrmId) -> Result<ServerRecord, ServerError> {
+        if self.is_tombstoned(crm_id)? {
+            return Err(ServerError::RecordDeleted(crm_id));
+        }
+        self.record(crm_id)?.ok_or(ServerError::UnknownRecord(crm_id))
+    }
+
+    /// Stamps a record with the next version and writes its row.
+    fn write(&self, r: &ServerRecord) -> Result<VersionNumber, ServerError> {
+        let v = self.next_version()?;
+        let fields = serde_json::to_string(&r.fields).map_err(|e| corrupt("Record", "Fields", e))?;
+        self.conn.execute(
+            "INSERT INTO Record VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (ObjectId) DO UPDATE SET \
+             ObjectTypeCode = ?2, OwnerId = ?3, VersionNumber = ?4, Fields = ?5, GlobalObjectId = ?6, StateCode = ?7",
+            params![
+                r.crm_id.to_string(),
+                r.object_type.code(),
+                r.owner.to_string(),
+                v.0 as i64,
+                fields,
+                r.goid.as_ref().map(|g| g.to_hex()),
+                status_code(r.status),
+            ],
+        )?;
+        self.conn.execute("DELETE FROM Attendee WHERE ObjectId = ?1", [r.crm_id.to_string()])?;
+        for user in &r.attendees {
+            self.conn.execute(
+                "INSERT OR IGNORE INTO Attendee VALUES (?1, ?2)",
+                params![r.crm_id.to_string(), user.to_string()],
+            )?;
+        }
+        Ok(v)
+    }
+
+    /// Creates or replaces a record as a server-side edit (an actor editing in CRM).
+    pub fn put_record(&mut self, record: &ServerRecord) -> Result<VersionNumber, ServerError> {
+        self.check_user(record.owner)?;
+        if self.is_tombstoned(record.crm_id)? {
+            return Err(ServerError::RecordDeleted(record.crm_id));
+        }
+        let tx = self.conn.unchecked_transaction()?;
+        let v = self.write(record)?;
+        tx.commit()?;
+        Ok(v)
+    }
+
+    /// Gives a record to another owner (it leaves the old owner's filter).
+    pub fn change_owner(&mut self, crm_id: CrmId, owner: SystemUserId) -> Result<VersionNumber, ServerError> {
+        self.check_user(owner)?;
+        let record = ServerRecord { owner, ..self.existing(crm_id)? };
+        self.put_record(&record)
+    }
+
+    /// Sets an appointment's attendees (those removed leave its filter).
+    pub fn set_attendees(
+        &mut self,
+        crm_id: CrmId,
+        attendees: Vec<SystemUserId>,
+    ) -> Result<VersionNumber, ServerError> {
+        let record = ServerRecord { attendees, ..self.existing(crm_id)? };
+        self.put_record(&record)
+    }
+
+    fn subscription(
+        &self,
+        id: SubscriptionId,
+    ) -> Result<(SystemUserId, SubscriptionType, String, u64), ServerError> {
+        let row = self
+            .conn
+            .query_row(
+                "SELECT SystemUserId, SubscriptionType, SyncEntryTableName, AckedVersion FROM Subscription \
+                 WHERE SubscriptionId = ?1",
+                [id.to_string()],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, i64>(3)?,
+                    ))
+                },
+            )
+            .optional()?
+            .ok_or(ServerError::UnknownSubscription(id))?;
+        let kind = SubscriptionType::from_code(row.1)
+            .ok_or_else(|| corrupt("Subscription", "SubscriptionType", row.1))?;
+        if row.2 != id.sync_entry_table() {
+            return Err(corrupt("Subscription", "SyncEntryTableName", &row.2));
+        }
+        Ok((parse_user("Subscription", &row.0)?, kind, row.2, version("Subscription", row.3)?.0))
+    }
+
+    fn is_primary(&self, id: SubscriptionId) -> Result<bool, ServerError> {
+        let primary: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT IsPrimaryClient FROM SubscriptionClients WHERE SubscriptionId = ?1",
+                [id.to_string()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(primary == Some(1))
+    }
+
+    /// The change kind a record is for `user` now: in the filter or not.
+    fn in_filter(
+        &self,
+        user: SystemUserId,
+        crm_id: &str,
+        owner: &str,
+        otc: ObjectTypeCode,
+    ) -> Result<bool, ServerError> {
+        if owner == user.to_string() {
+            return Ok(true);
+        }
+        if otc.group() != EntityGroup::Appointment && otc.group() != EntityGroup::ServiceAppointment {
+            return Ok(false);
+        }
+        let found: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT 1 FROM Attendee WHERE ObjectId = ?1 AND SystemUserId = ?2",
+                params![crm_id, user.to_string()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(found.is_some())
+    }
+
+    /// The changes prepare sync would hand out to `user` above `acked`, in order.
+    fn diff(
+        &self,
+        user: SystemUserId,
+        table: &str,
+        acked: u64,
+    ) -> Result<Vec<(String, ObjectTypeCode, u64, ChangeKind)>, ServerError> {
+        let mut out = Vec::new();
+        let mut held = self.conn.prepare_cached(&format!("SELECT State FROM {table} WHERE ObjectId = ?1"))?;
+        let mut state_of = |id: &str| -> Result<Option<i64>, ServerError> {
+            Ok(held.query_row([id], |r| r.get(0)).optional()?)
+        };
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT ObjectId, ObjectTypeCode, VersionNumber, OwnerId FROM Record WHERE VersionNumber > ?1 \
+             UNION ALL SELECT ObjectId, ObjectTypeCode, VersionNumber, NULL FROM Tombstone WHERE VersionNumber > ?1 \
+             ORDER BY 3, 1",
+        )?;
+        let rows = stmt.query_map([acked as i64], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, Option<String>>(3)?,
+            ))
+        })?;
+        for row in rows {
+            let (id, otc, v, owner) = row?;
+            let otc = parse_otc("Record", otc)?;
+            let v = version("Record", v)?.0;
+            let wanted = match &owner {
+                Some(owner) => self.in_filter(user, &id, owner, otc)?,
+                None => false,
+            };
+            // State 0: the client holds it. State 1: handed out and never acknowledged, so the
+            // client may hold it (a delete must reach it) or not (it is still a create).
+            let kind = match (wanted, state_of(&id)?) {
+                (true, Some(0)) => ChangeKind::Update,
+                (true, _) => ChangeKind::Create,
+                (false, Some(0 | 1)) => ChangeKind::Delete,
+                (false, _) => continue,
+            };
+            out.push((id, otc, v, kind));
+        }
+        Ok(out)
+    }
+
+    /// The role `user` has in a record.
+    fn role(user: SystemUserId, record: &ServerRecord) -> Role {
+        if record.owner == user {
+            Role::Owner
+        } else if record.attendees.contains(&user) {
+            Role::Attendee
+        } else {
+            Role::Other
+        }
+    }
+}
+
+impl CrmService for ServerStore {
+    fn register_client(
+        &mut self,
+        user: SystemUserId,
+        machine: &str,
+        kind: SubscriptionType,
+    ) -> Result<SubscriptionId, ServerError> {
+        if machine.is_empty() || machine.len() > MACHINE_NAME_LEN_MAX {
+            return Err(ServerError::BadMachineName(machine.chars().take(MACHINE_NAME_LEN_MAX).collect()));
+        }
+        self.check_user(user)?;
+        // The subscription id is derived from the next version, so ids are deterministic under a
+        // deterministic clock and never repeat.
+        let tx = self.conn.unchecked_transaction()?;
+        let seed = self.next_version()?;
+        let id =
+            SubscriptionId(Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("subscription/{}", seed.0).as_bytes()));
+        let table = id.sync_entry_table();
+        self.conn.execute(
+            "INSERT INTO Subscription (SubscriptionId, SystemUserId, MachineName, SubscriptionType, SyncEntryTableName) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![id.to_string(), user.to_string(), machine, kind.code(), table],
+        )?;
+        self.conn.execute_batch(&format!(
+            "CREATE TABLE {table} (ObjectId TEXT PRIMARY KEY, ObjectTypeCode INTEGER NOT NULL, \
+             VersionNumber INTEGER NOT NULL, State INTEGER NOT NULL)"
+        ))?;
+        let has_primary: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT 1 FROM SubscriptionClients c JOIN Subscription s USING (SubscriptionId) \
+                 WHERE s.SystemUserId = ?1 AND s.SubscriptionType = ?2 AND c.IsPrimaryClient = 1",
+                params![user.to_string(), kind.code()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        self.conn.execute(
+            "INSERT INTO SubscriptionClients VALUES (?1, ?2, ?3)",
+            params![id.to_string(), machine, i64::from(has_primary.is_none())],
+        )?;
+        tx.commit()?;
+        Ok(id)
+    }
+
+    fn set_primary_client(&mut self, subscription: SubscriptionId) -> Result<(), ServerError> {
+        let (user, kind, _, _) = self.subscription(subscription)?;
+        let tx = self.conn.unchecked_transaction()?;
+        self.conn.execute(
+            "UPDATE SubscriptionClients SET IsPrimaryClient = (SubscriptionId = ?1) WHERE SubscriptionId IN \
+             (SELECT SubscriptionId FROM Subscription WHERE SystemUserId = ?2 AND SubscriptionType = ?3)",
+            params![subscription.to_string(), user.to_string(), kind.code()],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn unregister_client(&mut self, subscription: SubscriptionId) -> Result<(), ServerError> {
+        let (_, _, table, _) = self.subscription(subscription)?;
+        let tx = self.conn.unchecked_transaction()?;
+        let id = subscription.to_string();
+        self.conn.execute("DELETE FROM SubscriptionClients WHERE SubscriptionId = ?1", [&id])?;
+        self.conn.execute("DELETE FROM PreparedChange WHERE SubscriptionId = ?1", [&id])?;
+        self.conn.execute("DELETE FROM Subscription WHERE SubscriptionId = ?1", [&id])?;
+        self.conn.execute_batch(&format!("DROP TABLE IF EXISTS {table}"))?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn prepare_sync(&mut self, subscription: SubscriptionId) -> Result<SyncSummary, ServerError> {
+        let (user, kind, table, acked) = self.subscription(subscription)?;
+        if kind == SubscriptionType::AddressBookProvider {
+            return Err(ServerError::NotSynchronised { subscription, kind });
+        }
+        let id = subscription.to_string();
+        let now = self.now();
+        let tx = self.conn.unchecked_transaction()?;
+        self.conn.execute("DELETE FROM PreparedChange WHERE SubscriptionId = ?1", [&id])?;
+        let mut summary = SyncSummary::new();
+        // A secondary client reads: nothing to do.
+        if self.is_primary(subscription)? {
+            let changes = self.diff(user, &table, acked)?;
+            let mut insert =
+                self.conn.prepare_cached("INSERT INTO PreparedChange VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")?;
+            for (seq, (object, otc, v, kind)) in changes.iter().enumerate() {
+                insert.execute(params![
+                    &id,
+                    seq as i64 + 1,
+                    object,
+                    otc.code(),
+                    *v as i64,
+                    kind_code(*kind),
+                    None::<i64>
+                ])?;
+                summary.add(*otc, *kind, 1)?;
+            }
+        }
+        let total = summary.total();
+        self.conn.execute(
+            "UPDATE Subscription SET LastSyncStartedOn = ?2 WHERE SubscriptionId = ?1",
+            params![&id, &now],
+        )?;
+        self.conn.execute(
+            "INSERT INTO SubscriptionSyncInfo (SubscriptionId, StartTime, InsertObjectCount, UpdateObjectCount, \
+             DeleteObjectCount) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![&id, &now, total.create, total.update, total.delete],
+        )?;
+        tx.commit()?;
+        Ok(summary)
+    }
+
+    fn get_sync_data(
+        &mut self,
+        subscription: SubscriptionId,
+        after: Option<u64>,
+        page_size: usize,
+    ) -> Result<SyncPage, ServerError> {
+        if page_size == 0 || page_size > PAGE_SIZE_MAX {
+            return Err(ServerError::PageSize(page_size));
+        }
+        let (user, _, table, _) = self.subscription(subscription)?;
+        let id = subscription.to_string();
+        let rows: Vec<(i64, String, i64, i64, i64)> = {
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT Seq, ObjectId, ObjectTypeCode, VersionNumber, Kind FROM PreparedChange \
+                 WHERE SubscriptionId = ?1 AND Seq > ?2 ORDER BY Seq LIMIT ?3",
+            )?;
+            stmt.query_map(params![&id, after.unwrap_or(0) as i64, page_size as i64 + 1], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?
+            .collect::<Result<_, _>>()?
+        };
+        let more = rows.len() > page_size;
+        let tx = self.conn.unchecked_transaction()?;
+        let mut page = SyncPage { changes: Vec::new(), last_seq: None, more, data_size: 0 };
+        for (seq, object, otc, v, kind) in rows.into_iter().take(page_size) {
+            let crm_id = parse_crm_id("PreparedChange", &object)?;
+            let otc = parse_otc("PreparedChange", otc)?;
+            let prepared = version("PreparedChange", v)?;
+            // Hand out the record as it is now: newer than prepared is better, and a record
+            // deleted since is a delete.
+            let current = match self.record(crm_id)? {
+                Some(r) if self.in_filter(user, &object, &r.owner.to_string(), otc)? => Some(r),
+                _ => None,
+            };
+            let (op, v) = match current {
+                Some(record) => {
+                    page.data_size += record.fields.data_size() as u64;
+                    let body = Record {
+                        fields: record.fields.clone(),
+                        goid: record.goid.clone(),
+                        role: Self::role(user, &record),
+                        status: record.status,
+                        crm_id: None,
+                    };
+                    let op = if kind == 0 { ChangeOp::Create(body) } else { ChangeOp::Update(body) };
+                    (op, record.version)
+                }
+                None => {
+                    let deleted = self.is_tombstoned(crm_id)?;
+                    let why = if deleted { DeleteReason::Deleted } else { DeleteReason::LeftFilter };
+                    (ChangeOp::Delete(why), prepared)
+                }
+            };
+            self.conn.execute(
+                &format!(
+                    "INSERT INTO {table} VALUES (?1, ?2, ?3, 1) ON CONFLICT (ObjectId) DO UPDATE SET \
+                     VersionNumber = ?3, State = CASE WHEN State = 2 THEN 1 ELSE State END"
+                ),
+                params![&object, otc.code(), v.0 as i64],
+            )?;
+            self.conn.execute(
+                "UPDATE PreparedChange SET HandedOutKind = ?3 WHERE SubscriptionId = ?1 AND Seq = ?2",
+                params![&id, seq, kind_code(op.kind())],
+            )?;
+            page.changes.push(Change::crm(crm_id, otc, v, op)?);
+            page.last_seq = Some(seq as u64);
+        }
+        self.conn.execute(
+            "UPDATE SubscriptionSyncInfo SET DataSize = DataSize + ?2 WHERE SyncInfoId = \
+             (SELECT MAX(SyncInfoId) FROM SubscriptionSyncInfo WHERE SubscriptionId = ?1)",
+            params![&id, page.data_size as i64],
+        )?;
+        tx.commit()?;
+        Ok(page)
+    }
+
+    fn acknowledge(&mut self, subscription: SubscriptionId, through: u64) -> Result<(), ServerError> {
+        let (_, _, table, acked) = self.subscription(subscription)?;
+        let id = subscription.to_string();
+        let now = self.now();
+        let tx = self.conn.unchecked_transaction()?;
+        // Only what was handed out can be acknowledged: stop at the first row never handed out.
+        let rows: Vec<(i64, String, i64, Option<i64>)> = {
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT Seq, ObjectId, VersionNumber, HandedOutKind FROM PreparedChange \
+                 WHERE SubscriptionId = ?1 AND Seq <= ?2 ORDER BY Seq",
+            )?;
+            stmt.query_map(params![&id, through as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })?
+            .collect::<Result<_, _>>()?
+        };
+        let mut watermark = acked;
+        let mut through = 0;
+        for (seq, object, v, handed_out) in &rows {
+            let Some(handed_out) = handed_out else { break };
+            // A delete handed out is held no more (2); anything else is held (0).
+            let state = if *handed_out == kind_code(ChangeKind::Delete) { 2 } else { 0 };
+            self.conn.execute(
+                &format!("UPDATE {table} SET State = ?2 WHERE ObjectId = ?1"),
+                params![object, state],
+            )?;
+            watermark = watermark.max(version("PreparedChange", *v)?.0);
+            through = *seq;
+        }
+        self.conn.execute(
+            "DELETE FROM PreparedChange WHERE SubscriptionId = ?1 AND Seq <= ?2",
+            params![&id, through],
+        )?;
+        let remaining: i64 = self.conn.query_row(
+            "SELECT COUNT(*) FROM PreparedChange WHERE SubscriptionId = ?1",
+            [&id],
+            |r| r.get(0),
+        )?;
+        self.conn.execute(
+            "UPDATE Subscription SET AckedVersion = ?2 WHERE SubscriptionId = ?1",
+            params![&id, watermark as i64],
+        )?;
+        if remaining == 0 {
+            self.conn.execute(
+                "UPDATE Subscription SET CompletedSyncStartedOn = LastSyncStartedOn WHERE SubscriptionId = ?1",
+                [&id],
+            )?;
+            self.conn.execute(
+                "UPDATE SubscriptionSyncInfo SET EndTime = ?2 WHERE SyncInfoId = \
+                 (SELECT MAX(SyncInfoId) FROM SubscriptionSyncInfo WHERE SubscriptionId = ?1)",
+                params![&id, &now],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn create_record(
+        &mut self,
+        user: SystemUserId,
+        crm_id: CrmId,
+        object_type: ObjectTypeCode,
+        record: &Record,
+    ) -> Result<VersionNumber, ServerError> {
+        if self.is_tombstoned(crm_id)? {
+            return Err(ServerError::RecordDeleted(crm_id));
+        }
+        if let Some(existing) = self.record(crm_id)? {
+            let same = existing.object_type == object_type
+                && existing.fields == record.fields
+                && existing.goid == record.goid;
+            return if same { Ok(existing.version) } else { Err(ServerError::CreateConflict { crm_id }) };
+        }
+        let new = ServerRecord {
+            crm_id,
+            object_type,
+            owner: user,
+            version: VersionNumber(0),
+            fields: record.fields.clone(),
+            goid: record.goid.clone(),
+            status: record.status,
+            attendees: Vec::new(),
+        };
+        self.put_record(&new)
+    }
+
+    fn update_record(&mut self, crm_id: CrmId, patch: &FieldPatch) -> Result<VersionNumber, ServerError> {
+        let record = self.existing(crm_id)?;
+        let fields = patch.apply(&record.fields)?;
+        if fields == record.fields {
+            return Ok(record.version);
+        }
+        self.put_record(&ServerRecord { fields, ..record })
+    }
+
+    fn delete_record(&mut self, crm_id: CrmId) -> Result<VersionNumber, ServerError> {
+        if let Some(v) = self
+            .conn
+            .query_row("SELECT VersionNumber FROM Tombstone WHERE ObjectId = ?1", [crm_id.to_string()], |r| {
+                r.get::<_, i64>(0)
+            })
+            .optional()?
+        {
+            return version("Tombstone", v);
+        }
+        let record = self.record(crm_id)?.ok_or(ServerError::UnknownRecord(crm_id))?;
+        let tx = self.conn.unchecked_transaction()?;
+        let v = self.next_version()?;
+        let id = crm_id.to_string();
+        self.conn.execute("DELETE FROM Record WHERE ObjectId = ?1", [&id])?;
+        self.conn.execute("DELETE FROM Attendee WHERE ObjectId = ?1", [&id])?;
+        self.conn.execute(
+            "INSERT INTO Tombstone VALUES (?1, ?2, ?3)",
+            params![&id, record.object_type.code(), v.0 as i64],
+        )?;
+        tx.commit()?;
+        Ok(v)
+    }
+}
+
+impl fmt::Debug for ServerStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerStore").finish_non_exhaustive()
+    }
+}

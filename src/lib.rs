@@ -28,6 +28,8 @@ pub mod plan;
 pub mod policy;
 pub mod queue;
 #[cfg(feature = "sqlite")]
+pub mod reports;
+#[cfg(feature = "sqlite")]
 pub mod server;
 pub mod settle;
 #[cfg(feature = "sqlite")]

@@ -29,7 +29,7 @@ use uuid::Uuid;
 
 use crate::change::{ActivityStatus, Change, ChangeError, ChangeKind, ChangeOp, DeleteReason, Record, Role};
 use crate::clock::Clock;
-use crate::entity::{EntityGroup, ObjectTypeCode, UnknownObjectTypeCode};
+use crate::entity::{ObjectTypeCode, UnknownObjectTypeCode};
 use crate::fields::{FieldPatch, Fields, FieldsError};
 use crate::ids::{CrmId, GlobalObjectId, IdError, VersionNumber};
 use crate::summary::{SummaryError, SyncSummary};
@@ -286,6 +286,7 @@ CREATE TABLE Subscription (
     SyncEntryTableName TEXT NOT NULL UNIQUE,
     LastSyncStartedOn TEXT,
     CompletedSyncStartedOn TEXT,
+    CreatedOn TEXT NOT NULL,
     AckedVersion INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE SubscriptionClients (
@@ -317,6 +318,34 @@ CREATE TABLE PreparedChange (
 );
 ";
 
+/// The entity codes of calendar items, for SQL.
+const CALENDAR_CODES: &str = "4201, 4214, 4251";
+
+/// One prepared change joined with its record as it is now.
+struct PreparedRow {
+    seq: i64,
+    object: String,
+    otc: i64,
+    prepared: i64,
+    kind: i64,
+    owner: Option<String>,
+    version: Option<i64>,
+    fields: Option<String>,
+    goid: Option<String>,
+    state: Option<i64>,
+    attends: bool,
+    deleted: bool,
+}
+
+fn status_from_code(code: i64) -> Result<ActivityStatus, ServerError> {
+    match code {
+        0 => Ok(ActivityStatus::Open),
+        1 => Ok(ActivityStatus::Completed),
+        2 => Ok(ActivityStatus::Cancelled),
+        other => Err(corrupt("Record", "StateCode", other)),
+    }
+}
+
 fn kind_code(kind: ChangeKind) -> i64 {
     match kind {
         ChangeKind::Create => 0,
@@ -331,6 +360,18 @@ fn status_code(status: ActivityStatus) -> i64 {
         ActivityStatus::Completed => 1,
         ActivityStatus::Cancelled => 2,
     }
+}
+
+/// Removes a subscription: its `SubscriptionClients`, `PreparedChange` and `Subscription` rows and
+/// its SyncEntry table, inside the caller's transaction. Its `SubscriptionSyncInfo` history stays.
+/// The one place that knows every table keyed by `SubscriptionId` (unlink and cleanup both use it).
+pub(crate) fn remove_subscription_rows(conn: &Connection, id: SubscriptionId) -> Result<(), rusqlite::Error> {
+    let text = id.to_string();
+    conn.execute("DELETE FROM SubscriptionClients WHERE SubscriptionId = ?1", [&text])?;
+    conn.execute("DELETE FROM PreparedChange WHERE SubscriptionId = ?1", [&text])?;
+    conn.execute("DELETE FROM Subscription WHERE SubscriptionId = ?1", [&text])?;
+    // Spelled from the id: `SyncEntry_` and 32 hex digits, nothing else.
+    conn.execute_batch(&format!("DROP TABLE IF EXISTS {}", id.sync_entry_table()))
 }
 
 fn corrupt(table: &'static str, column: &'static str, value: impl fmt::Display) -> ServerError {
@@ -358,11 +399,21 @@ fn version(table: &'static str, v: i64) -> Result<VersionNumber, ServerError> {
 impl ServerStore {
     /// Opens the store at `path`, creating it when the file does not exist or is empty.
     pub fn open(path: &Path, clock: Box<dyn Clock>) -> Result<ServerStore, OpenError> {
+        Self::open_with(path, clock, true)
+    }
+
+    /// Opens an existing store; a missing path is an error and no file is created.
+    pub fn open_existing(path: &Path, clock: Box<dyn Clock>) -> Result<ServerStore, OpenError> {
+        Self::open_with(path, clock, false)
+    }
+
+    fn open_with(path: &Path, clock: Box<dyn Clock>, create: bool) -> Result<ServerStore, OpenError> {
         let sqlite = |source| OpenError::Sqlite { path: path.to_owned(), source };
-        let fresh = std::fs::metadata(path).map(|m| m.len() == 0).unwrap_or(true);
-        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let fresh = create && std::fs::metadata(path).map(|m| m.len() == 0).unwrap_or(true);
+        let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        if create {
+            flags |= OpenFlags::SQLITE_OPEN_CREATE;
+        }
         let conn = Connection::open_with_flags(path, flags).map_err(sqlite)?;
         if !fresh {
             // Read the header before anything writes to the file.
@@ -373,6 +424,10 @@ impl ServerStore {
             let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sqlite)?;
             if version > SERVER_SCHEMA_VERSION {
                 return Err(OpenError::NewerSchema { path: path.to_owned(), found: version });
+            }
+            if version < 1 {
+                // Our id but no schema version: not a file this project wrote.
+                return Err(OpenError::NotAServerStore { path: path.to_owned(), found });
             }
         }
         conn.pragma_update(None, "journal_mode", "WAL").map_err(sqlite)?;
@@ -398,8 +453,14 @@ impl ServerStore {
         ))
     }
 
-    fn now(&self) -> String {
+    /// The current time as the store writes it (RFC 3339, UTC).
+    pub(crate) fn now(&self) -> String {
         self.clock.now().to_rfc3339()
+    }
+
+    /// The database, for the support reports that read it (`reports`).
+    pub(crate) fn connection(&self) -> &Connection {
+        &self.conn
     }
 
     fn next_version(&self) -> Result<VersionNumber, ServerError> {
@@ -453,12 +514,7 @@ impl ServerStore {
         let goid = goid
             .map(|g| GlobalObjectId::from_hex(&g).map_err(|_| corrupt("Record", "GlobalObjectId", &g)))
             .transpose()?;
-        let status = match state {
-            0 => ActivityStatus::Open,
-            1 => ActivityStatus::Completed,
-            2 => ActivityStatus::Cancelled,
-            other => return Err(corrupt("Record", "StateCode", other)),
-        };
+        let status = status_from_code(state)?;
         let mut stmt =
             self.conn.prepare_cached("SELECT SystemUserId FROM Attendee WHERE ObjectId = ?1 ORDER BY 1")?;
         let attendees = stmt
@@ -531,6 +587,19 @@ impl ServerStore {
         Ok(v)
     }
 
+    /// Creates or replaces many records in one transaction (a bulk import, the demo, benches).
+    pub fn put_records(&mut self, records: &[ServerRecord]) -> Result<(), ServerError> {
+        let tx = self.conn.unchecked_transaction()?;
+        for record in records {
+            if self.is_tombstoned(record.crm_id)? {
+                return Err(ServerError::RecordDeleted(record.crm_id));
+            }
+            self.write(record)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Gives a record to another owner (it leaves the old owner's filter).
     pub fn change_owner(&mut self, crm_id: CrmId, owner: SystemUserId) -> Result<VersionNumber, ServerError> {
         self.check_user(owner)?;
@@ -589,31 +658,6 @@ impl ServerStore {
         Ok(primary == Some(1))
     }
 
-    /// The change kind a record is for `user` now: in the filter or not.
-    fn in_filter(
-        &self,
-        user: SystemUserId,
-        crm_id: &str,
-        owner: &str,
-        otc: ObjectTypeCode,
-    ) -> Result<bool, ServerError> {
-        if owner == user.to_string() {
-            return Ok(true);
-        }
-        if otc.group() != EntityGroup::Appointment && otc.group() != EntityGroup::ServiceAppointment {
-            return Ok(false);
-        }
-        let found: Option<i64> = self
-            .conn
-            .query_row(
-                "SELECT 1 FROM Attendee WHERE ObjectId = ?1 AND SystemUserId = ?2",
-                params![crm_id, user.to_string()],
-                |r| r.get(0),
-            )
-            .optional()?;
-        Ok(found.is_some())
-    }
-
     /// The changes prepare sync would hand out to `user` above `acked`, in order.
     fn diff(
         &self,
@@ -621,54 +665,42 @@ impl ServerStore {
         table: &str,
         acked: u64,
     ) -> Result<Vec<(String, ObjectTypeCode, u64, ChangeKind)>, ServerError> {
-        let mut out = Vec::new();
-        let mut held = self.conn.prepare_cached(&format!("SELECT State FROM {table} WHERE ObjectId = ?1"))?;
-        let mut state_of = |id: &str| -> Result<Option<i64>, ServerError> {
-            Ok(held.query_row([id], |r| r.get(0)).optional()?)
-        };
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT ObjectId, ObjectTypeCode, VersionNumber, OwnerId FROM Record WHERE VersionNumber > ?1 \
-             UNION ALL SELECT ObjectId, ObjectTypeCode, VersionNumber, NULL FROM Tombstone WHERE VersionNumber > ?1 \
-             ORDER BY 3, 1",
-        )?;
-        let rows = stmt.query_map([acked as i64], |r| {
+        // One pass over what changed above the watermark, with whether the record is in the
+        // user's filter and the state of its SyncEntry row.
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT x.ObjectId, x.ObjectTypeCode, x.VersionNumber, \
+                    COALESCE(x.OwnerId = ?2 OR (x.ObjectTypeCode IN ({CALENDAR_CODES}) AND EXISTS \
+                        (SELECT 1 FROM Attendee a WHERE a.ObjectId = x.ObjectId AND a.SystemUserId = ?2)), 0), \
+                    s.State \
+             FROM (SELECT ObjectId, ObjectTypeCode, VersionNumber, OwnerId FROM Record WHERE VersionNumber > ?1 \
+                   UNION ALL \
+                   SELECT ObjectId, ObjectTypeCode, VersionNumber, NULL FROM Tombstone WHERE VersionNumber > ?1) x \
+             LEFT JOIN {table} s ON s.ObjectId = x.ObjectId \
+             ORDER BY x.VersionNumber, x.ObjectId"
+        ))?;
+        let rows = stmt.query_map(params![acked as i64, user.to_string()], |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, i64>(1)?,
                 r.get::<_, i64>(2)?,
-                r.get::<_, Option<String>>(3)?,
+                r.get::<_, bool>(3)?,
+                r.get::<_, Option<i64>>(4)?,
             ))
         })?;
+        let mut out = Vec::new();
         for row in rows {
-            let (id, otc, v, owner) = row?;
-            let otc = parse_otc("Record", otc)?;
-            let v = version("Record", v)?.0;
-            let wanted = match &owner {
-                Some(owner) => self.in_filter(user, &id, owner, otc)?,
-                None => false,
-            };
+            let (id, otc, v, wanted, state) = row?;
             // State 0: the client holds it. State 1: handed out and never acknowledged, so the
             // client may hold it (a delete must reach it) or not (it is still a create).
-            let kind = match (wanted, state_of(&id)?) {
+            let kind = match (wanted, state) {
                 (true, Some(0)) => ChangeKind::Update,
                 (true, _) => ChangeKind::Create,
                 (false, Some(0 | 1)) => ChangeKind::Delete,
                 (false, _) => continue,
             };
-            out.push((id, otc, v, kind));
+            out.push((id, parse_otc("Record", otc)?, version("Record", v)?.0, kind));
         }
         Ok(out)
-    }
-
-    /// The role `user` has in a record.
-    fn role(user: SystemUserId, record: &ServerRecord) -> Role {
-        if record.owner == user {
-            Role::Owner
-        } else if record.attendees.contains(&user) {
-            Role::Attendee
-        } else {
-            Role::Other
-        }
     }
 }
 
@@ -691,9 +723,9 @@ impl CrmService for ServerStore {
             SubscriptionId(Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("subscription/{}", seed.0).as_bytes()));
         let table = id.sync_entry_table();
         self.conn.execute(
-            "INSERT INTO Subscription (SubscriptionId, SystemUserId, MachineName, SubscriptionType, SyncEntryTableName) \
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![id.to_string(), user.to_string(), machine, kind.code(), table],
+            "INSERT INTO Subscription (SubscriptionId, SystemUserId, MachineName, SubscriptionType, SyncEntryTableName, \
+             CreatedOn) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![id.to_string(), user.to_string(), machine, kind.code(), table, self.now()],
         )?;
         self.conn.execute_batch(&format!(
             "CREATE TABLE {table} (ObjectId TEXT PRIMARY KEY, ObjectTypeCode INTEGER NOT NULL, \
@@ -729,13 +761,9 @@ impl CrmService for ServerStore {
     }
 
     fn unregister_client(&mut self, subscription: SubscriptionId) -> Result<(), ServerError> {
-        let (_, _, table, _) = self.subscription(subscription)?;
+        self.subscription(subscription)?;
         let tx = self.conn.unchecked_transaction()?;
-        let id = subscription.to_string();
-        self.conn.execute("DELETE FROM SubscriptionClients WHERE SubscriptionId = ?1", [&id])?;
-        self.conn.execute("DELETE FROM PreparedChange WHERE SubscriptionId = ?1", [&id])?;
-        self.conn.execute("DELETE FROM Subscription WHERE SubscriptionId = ?1", [&id])?;
-        self.conn.execute_batch(&format!("DROP TABLE IF EXISTS {table}"))?;
+        remove_subscription_rows(&tx, subscription)?;
         tx.commit()?;
         Ok(())
     }
@@ -793,62 +821,87 @@ impl CrmService for ServerStore {
         }
         let (user, _, table, _) = self.subscription(subscription)?;
         let id = subscription.to_string();
-        let rows: Vec<(i64, String, i64, i64, i64)> = {
+        let who = user.to_string();
+        let rows: Vec<PreparedRow> = {
             let mut stmt = self.conn.prepare_cached(
-                "SELECT Seq, ObjectId, ObjectTypeCode, VersionNumber, Kind FROM PreparedChange \
-                 WHERE SubscriptionId = ?1 AND Seq > ?2 ORDER BY Seq LIMIT ?3",
+                "SELECT p.Seq, p.ObjectId, p.ObjectTypeCode, p.VersionNumber, p.Kind, \
+                        r.OwnerId, r.VersionNumber, r.Fields, r.GlobalObjectId, r.StateCode, \
+                        EXISTS (SELECT 1 FROM Attendee a WHERE a.ObjectId = p.ObjectId AND a.SystemUserId = ?4), \
+                        EXISTS (SELECT 1 FROM Tombstone t WHERE t.ObjectId = p.ObjectId) \
+                 FROM PreparedChange p LEFT JOIN Record r ON r.ObjectId = p.ObjectId \
+                 WHERE p.SubscriptionId = ?1 AND p.Seq > ?2 ORDER BY p.Seq LIMIT ?3",
             )?;
-            stmt.query_map(params![&id, after.unwrap_or(0) as i64, page_size as i64 + 1], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            stmt.query_map(params![&id, after.unwrap_or(0) as i64, page_size as i64 + 1, &who], |r| {
+                Ok(PreparedRow {
+                    seq: r.get(0)?,
+                    object: r.get(1)?,
+                    otc: r.get(2)?,
+                    prepared: r.get(3)?,
+                    kind: r.get(4)?,
+                    owner: r.get(5)?,
+                    version: r.get(6)?,
+                    fields: r.get(7)?,
+                    goid: r.get(8)?,
+                    state: r.get(9)?,
+                    attends: r.get(10)?,
+                    deleted: r.get(11)?,
+                })
             })?
             .collect::<Result<_, _>>()?
         };
         let more = rows.len() > page_size;
         let tx = self.conn.unchecked_transaction()?;
         let mut page = SyncPage { changes: Vec::new(), last_seq: None, more, data_size: 0 };
-        for (seq, object, otc, v, kind) in rows.into_iter().take(page_size) {
-            let crm_id = parse_crm_id("PreparedChange", &object)?;
-            let otc = parse_otc("PreparedChange", otc)?;
-            let prepared = version("PreparedChange", v)?;
+        let mut hold = self.conn.prepare_cached(&format!(
+            "INSERT INTO {table} VALUES (?1, ?2, ?3, 1) ON CONFLICT (ObjectId) DO UPDATE SET \
+             VersionNumber = ?3, State = CASE WHEN State = 2 THEN 1 ELSE State END"
+        ))?;
+        let mut handed = self.conn.prepare_cached(
+            "UPDATE PreparedChange SET HandedOutKind = ?3 WHERE SubscriptionId = ?1 AND Seq = ?2",
+        )?;
+        for row in rows.into_iter().take(page_size) {
+            let crm_id = parse_crm_id("PreparedChange", &row.object)?;
+            let otc = parse_otc("PreparedChange", row.otc)?;
             // Hand out the record as it is now: newer than prepared is better, and a record
-            // deleted since is a delete.
-            let current = match self.record(crm_id)? {
-                Some(r) if self.in_filter(user, &object, &r.owner.to_string(), otc)? => Some(r),
-                _ => None,
+            // deleted or gone out of the filter since is a delete.
+            let owned = row.owner.as_deref() == Some(who.as_str());
+            let in_filter = row.owner.is_some() && (owned || (otc.is_calendar() && row.attends));
+            let (op, v) = if in_filter {
+                let (Some(fields), Some(v), Some(state)) = (&row.fields, row.version, row.state) else {
+                    return Err(corrupt("Record", "Fields", &row.object));
+                };
+                let fields: Fields =
+                    serde_json::from_str(fields).map_err(|_| corrupt("Record", "Fields", fields))?;
+                let goid = row
+                    .goid
+                    .as_deref()
+                    .map(|g| GlobalObjectId::from_hex(g).map_err(|_| corrupt("Record", "GlobalObjectId", g)))
+                    .transpose()?;
+                page.data_size += fields.data_size() as u64;
+                let role = if owned {
+                    Role::Owner
+                } else if row.attends {
+                    Role::Attendee
+                } else {
+                    Role::Other
+                };
+                let body = Record { fields, goid, role, status: status_from_code(state)?, crm_id: None };
+                let op = if row.kind == kind_code(ChangeKind::Create) {
+                    ChangeOp::Create(body)
+                } else {
+                    ChangeOp::Update(body)
+                };
+                (op, version("Record", v)?)
+            } else {
+                let why = if row.deleted { DeleteReason::Deleted } else { DeleteReason::LeftFilter };
+                (ChangeOp::Delete(why), version("PreparedChange", row.prepared)?)
             };
-            let (op, v) = match current {
-                Some(record) => {
-                    page.data_size += record.fields.data_size() as u64;
-                    let body = Record {
-                        fields: record.fields.clone(),
-                        goid: record.goid.clone(),
-                        role: Self::role(user, &record),
-                        status: record.status,
-                        crm_id: None,
-                    };
-                    let op = if kind == 0 { ChangeOp::Create(body) } else { ChangeOp::Update(body) };
-                    (op, record.version)
-                }
-                None => {
-                    let deleted = self.is_tombstoned(crm_id)?;
-                    let why = if deleted { DeleteReason::Deleted } else { DeleteReason::LeftFilter };
-                    (ChangeOp::Delete(why), prepared)
-                }
-            };
-            self.conn.execute(
-                &format!(
-                    "INSERT INTO {table} VALUES (?1, ?2, ?3, 1) ON CONFLICT (ObjectId) DO UPDATE SET \
-                     VersionNumber = ?3, State = CASE WHEN State = 2 THEN 1 ELSE State END"
-                ),
-                params![&object, otc.code(), v.0 as i64],
-            )?;
-            self.conn.execute(
-                "UPDATE PreparedChange SET HandedOutKind = ?3 WHERE SubscriptionId = ?1 AND Seq = ?2",
-                params![&id, seq, kind_code(op.kind())],
-            )?;
+            hold.execute(params![&row.object, otc.code(), v.0 as i64])?;
+            handed.execute(params![&id, row.seq, kind_code(op.kind())])?;
             page.changes.push(Change::crm(crm_id, otc, v, op)?);
-            page.last_seq = Some(seq as u64);
+            page.last_seq = Some(row.seq as u64);
         }
+        drop((hold, handed));
         self.conn.execute(
             "UPDATE SubscriptionSyncInfo SET DataSize = DataSize + ?2 WHERE SyncInfoId = \
              (SELECT MAX(SyncInfoId) FROM SubscriptionSyncInfo WHERE SubscriptionId = ?1)",
@@ -981,5 +1034,18 @@ impl CrmService for ServerStore {
 impl fmt::Debug for ServerStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ServerStore").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calendar_codes_for_sql_are_the_calendar_entities() {
+        let listed: Vec<u32> = CALENDAR_CODES.split(", ").map(|c| c.parse().unwrap()).collect();
+        let calendar: Vec<u32> =
+            ObjectTypeCode::ALL.iter().filter(|o| o.is_calendar()).map(|o| o.code()).collect();
+        assert_eq!(listed, calendar);
     }
 }

@@ -9,5 +9,7 @@ mod bad_input;
 mod decision_table;
 mod properties;
 #[cfg(feature = "sqlite")]
+mod reports;
+#[cfg(feature = "sqlite")]
 mod server;
 mod support;

@@ -321,6 +321,11 @@ fn a_file_that_is_not_a_server_store_is_refused_and_left_untouched() {
     );
     assert_eq!(std::fs::read(&newer).unwrap(), before);
 
+    // Opening an existing store never creates one.
+    let missing = dir.join("missing.db");
+    assert!(matches!(ServerStore::open_existing(&missing, clock()), Err(OpenError::Sqlite { .. })));
+    assert!(!missing.exists());
+
     // And a store reopens with its data.
     let path = dir.join("server.db");
     {
@@ -331,4 +336,22 @@ fn a_file_that_is_not_a_server_store_is_refused_and_left_untouched() {
     let s = ServerStore::open(&path, clock()).unwrap();
     assert_eq!(s.record(id(1)).unwrap().unwrap().fields, f(&[("fullname", "Alice")]));
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn prepare_sync_summary_of_a_first_sync() {
+    let mut store = store();
+    store.put_record(&record(1, 0, Contact, &[("fullname", "Alice")], &[])).unwrap();
+    store.put_record(&record(2, 0, Task, &[("subject", "Call back")], &[])).unwrap();
+    store.put_record(&record(3, 1, Appointment, &[("subject", "Review")], &[0, 2])).unwrap();
+    store.put_record(&record(4, 1, Appointment, &[("subject", "Not invited")], &[2])).unwrap();
+    store.put_record(&record(5, 2, Contact, &[("fullname", "Someone else's")], &[])).unwrap();
+    let sub = store.register_client(user(0), "LAPTOP", SubscriptionType::Outlook).unwrap();
+    let summary = store.prepare_sync(sub).unwrap();
+    assert_eq!(summary.total(), Counts { create: 3, update: 0, delete: 0 });
+    snapshot!("server_prepare_sync_first_sync", summary.to_xml());
+    // The attended meeting comes to the attendee with the attendee's role.
+    let page = store.get_sync_data(sub, None, 10).unwrap();
+    let roles: Vec<Role> = page.changes.iter().filter_map(|c| c.record()).map(|r| r.role).collect();
+    assert_eq!(roles, [Role::Owner, Role::Owner, Role::Attendee]);
 }

@@ -16,6 +16,8 @@
 #![deny(unsafe_code)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+#[cfg(feature = "sqlite")]
+pub mod cache;
 pub mod change;
 pub mod clock;
 pub mod entity;

@@ -6,6 +6,8 @@
 //! - `properties`: proptest invariants over generated queues.
 
 mod bad_input;
+#[cfg(feature = "sqlite")]
+mod cache;
 mod decision_table;
 mod properties;
 #[cfg(feature = "sqlite")]

@@ -1,0 +1,438 @@
+//! The client's durable state, the `OutlookSyncCache`, as one SQLite file (DOMAIN section 3):
+//! `OutlookSyncTable` (the queue, with attempts and last error), `IdMappingTable` (with the base
+//! fields both sides last agreed on), `IgnoredErrors`, and `SyncMeta` (cursors and the
+//! subscription). It mirrors the pure `SyncState`: `load` reads one, and every durable step
+//! writes exactly the rows a step of the pure core changed.
+//!
+//! The file carries `PRAGMA application_id` "CRMC" and `user_version` [`CACHE_SCHEMA_VERSION`].
+//! Version 1 (no GOID, role, status or CRM version in the mapping, no `IgnoredErrors`, no
+//! `SyncMeta`) is migrated in place in one transaction. A file that is not a cache, is corrupt,
+//! or is of a newer version is refused with a typed error naming the file, before anything is
+//! written to it.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+
+use crate::change::Change;
+use crate::entity::ObjectTypeCode;
+use crate::ids::{CrmId, EntryId};
+use crate::mapping::{MappingEntry, MappingError};
+use crate::plan::{Action, LinkChange};
+use crate::queue::{QueueEntry, QueueError, QueueId};
+use crate::settle::{IgnoredError, SyncState};
+
+/// `PRAGMA application_id` of a sync cache ("CRMC").
+pub const CACHE_APPLICATION_ID: i32 = 0x4352_4D43;
+/// The schema version this build writes (`PRAGMA user_version`).
+pub const CACHE_SCHEMA_VERSION: i32 = 2;
+
+/// Why a cache file could not be opened. The file is left as it was.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheOpenError {
+    #[error("{path}: not an OutlookSyncCache (application_id {found:#x})")]
+    NotACache { path: PathBuf, found: i32 },
+    #[error("{path}: cache schema version {found} is newer than the {CACHE_SCHEMA_VERSION} this build reads")]
+    NewerSchema { path: PathBuf, found: i32 },
+    #[error("{path}: {source}")]
+    Sqlite { path: PathBuf, source: rusqlite::Error },
+}
+
+/// Why reading or writing the cache failed. Every variant carries the offending value.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("{table}.{column} holds {value:?}, which is not valid")]
+    Corrupt { table: &'static str, column: &'static str, value: String },
+    #[error("the queue in the cache is inconsistent: {0}")]
+    Queue(#[from] QueueError),
+    #[error("the mapping in the cache is inconsistent: {0}")]
+    Mapping(#[from] MappingError),
+}
+
+fn corrupt(table: &'static str, column: &'static str, value: impl ToString) -> CacheError {
+    CacheError::Corrupt { table, column, value: value.to_string() }
+}
+
+const SCHEMA_V1: &str = "
+CREATE TABLE OutlookSyncTable (
+    Id INTEGER PRIMARY KEY AUTOINCREMENT,
+    Side TEXT NOT NULL,
+    Kind TEXT NOT NULL,
+    RecordKey TEXT NOT NULL,
+    ObjectTypeCode INTEGER NOT NULL,
+    Change TEXT NOT NULL,
+    Attempts INTEGER NOT NULL DEFAULT 0,
+    LastError TEXT
+);
+CREATE TABLE IdMappingTable (
+    CrmId TEXT PRIMARY KEY,
+    EntryId TEXT NOT NULL UNIQUE,
+    ObjectTypeCode INTEGER NOT NULL,
+    Base TEXT NOT NULL
+);
+";
+
+/// From version 1 to 2: the mapping learns GOID, role, status and CRM version; ignored errors
+/// and sync metadata get their tables.
+const MIGRATE_V1_TO_V2: &str = "
+ALTER TABLE IdMappingTable ADD COLUMN Goid TEXT;
+ALTER TABLE IdMappingTable ADD COLUMN Role TEXT NOT NULL DEFAULT '\"Owner\"';
+ALTER TABLE IdMappingTable ADD COLUMN Status TEXT NOT NULL DEFAULT '\"Open\"';
+ALTER TABLE IdMappingTable ADD COLUMN CrmVersion INTEGER;
+CREATE UNIQUE INDEX IdMappingTable_Goid ON IdMappingTable (Goid);
+CREATE TABLE IgnoredErrors (
+    Id INTEGER PRIMARY KEY,
+    Change TEXT NOT NULL,
+    Attempts INTEGER NOT NULL,
+    LastError TEXT,
+    Error TEXT NOT NULL
+);
+CREATE TABLE SyncMeta (Key TEXT PRIMARY KEY, Value TEXT NOT NULL);
+";
+
+/// The `OutlookSyncCache` file.
+pub struct SyncCache {
+    conn: Connection,
+    /// Whether a group of durable steps is open (see [`SyncCache::begin`]).
+    in_group: bool,
+}
+
+impl std::fmt::Debug for SyncCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncCache").field("in_group", &self.in_group).finish_non_exhaustive()
+    }
+}
+
+impl SyncCache {
+    /// Opens the cache at `path`, creating it when the file does not exist or is empty, and
+    /// migrating a version-1 cache.
+    pub fn open(path: &Path) -> Result<SyncCache, CacheOpenError> {
+        Self::open_with(path, true)
+    }
+
+    /// Opens an existing cache; a missing path is an error and no file is created.
+    pub fn open_existing(path: &Path) -> Result<SyncCache, CacheOpenError> {
+        Self::open_with(path, false)
+    }
+
+    fn open_with(path: &Path, create: bool) -> Result<SyncCache, CacheOpenError> {
+        let sqlite = |source| CacheOpenError::Sqlite { path: path.to_owned(), source };
+        let fresh = create && std::fs::metadata(path).map(|m| m.len() == 0).unwrap_or(true);
+        let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        if create {
+            flags |= OpenFlags::SQLITE_OPEN_CREATE;
+        }
+        let conn = Connection::open_with_flags(path, flags).map_err(sqlite)?;
+        let mut version = 0;
+        if !fresh {
+            // Read the header before anything writes to the file.
+            let found: i32 = conn.query_row("PRAGMA application_id", [], |r| r.get(0)).map_err(sqlite)?;
+            version = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sqlite)?;
+            if found != CACHE_APPLICATION_ID || version < 1 {
+                return Err(CacheOpenError::NotACache { path: path.to_owned(), found });
+            }
+            if version > CACHE_SCHEMA_VERSION {
+                return Err(CacheOpenError::NewerSchema { path: path.to_owned(), found: version });
+            }
+            // A corrupt file fails here, still unwritten.
+            let check: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0)).map_err(sqlite)?;
+            if check != "ok" {
+                return Err(sqlite(rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CORRUPT),
+                    Some(check),
+                )));
+            }
+        }
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(sqlite)?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(sqlite)?;
+        let cache = SyncCache { conn, in_group: false };
+        if fresh {
+            cache.create_schema().map_err(sqlite)?;
+        } else if version == 1 {
+            cache.migrate_v1().map_err(sqlite)?;
+        }
+        Ok(cache)
+    }
+
+    /// A cache in memory (tests, the simulator).
+    pub fn in_memory() -> Result<SyncCache, rusqlite::Error> {
+        let cache = SyncCache { conn: Connection::open_in_memory()?, in_group: false };
+        cache.create_schema()?;
+        Ok(cache)
+    }
+
+    fn create_schema(&self) -> Result<(), rusqlite::Error> {
+        self.conn.execute_batch(&format!(
+            "BEGIN; {SCHEMA_V1} {MIGRATE_V1_TO_V2} PRAGMA application_id = {CACHE_APPLICATION_ID}; \
+             PRAGMA user_version = {CACHE_SCHEMA_VERSION}; COMMIT;"
+        ))
+    }
+
+    fn migrate_v1(&self) -> Result<(), rusqlite::Error> {
+        self.conn.execute_batch(&format!("BEGIN; {MIGRATE_V1_TO_V2} PRAGMA user_version = 2; COMMIT;"))
+    }
+
+    /// Reads the whole state: queue, mapping and ignored errors, each row validated.
+    pub fn load(&self) -> Result<SyncState, CacheError> {
+        let mut state = SyncState::default();
+        let mut stmt =
+            self.conn.prepare("SELECT Id, Change, Attempts, LastError FROM OutlookSyncTable ORDER BY Id")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, Option<String>>(3)?,
+            ))
+        })?;
+        for row in rows {
+            let (id, change, attempts, last_error) = row?;
+            state.queue.insert(queue_entry("OutlookSyncTable", id, &change, attempts, last_error)?)?;
+        }
+        let mut stmt = self.conn.prepare(
+            "SELECT CrmId, EntryId, ObjectTypeCode, Base, Goid, Role, Status, CrmVersion FROM IdMappingTable \
+             ORDER BY CrmId",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, Option<String>>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, String>(6)?,
+                r.get::<_, Option<i64>>(7)?,
+            ))
+        })?;
+        for row in rows {
+            let (crm_id, entry_id, otc, base, goid, role, status, version) = row?;
+            let t = "IdMappingTable";
+            let entry = MappingEntry {
+                crm_id: crm_id.parse::<CrmId>().map_err(|_| corrupt(t, "CrmId", &crm_id))?,
+                entry_id: EntryId::new(entry_id.clone()).map_err(|_| corrupt(t, "EntryId", &entry_id))?,
+                object_type: u32::try_from(otc)
+                    .ok()
+                    .and_then(|c| ObjectTypeCode::try_from(c).ok())
+                    .ok_or_else(|| corrupt(t, "ObjectTypeCode", otc))?,
+                base: serde_json::from_str(&base).map_err(|_| corrupt(t, "Base", &base))?,
+                goid: goid
+                    .map(|g| crate::ids::GlobalObjectId::from_hex(&g).map_err(|_| corrupt(t, "Goid", &g)))
+                    .transpose()?,
+                role: serde_json::from_str(&role).map_err(|_| corrupt(t, "Role", &role))?,
+                status: serde_json::from_str(&status).map_err(|_| corrupt(t, "Status", &status))?,
+                crm_version: version
+                    .map(|v| {
+                        u64::try_from(v)
+                            .map(crate::ids::VersionNumber)
+                            .map_err(|_| corrupt(t, "CrmVersion", v))
+                    })
+                    .transpose()?,
+            };
+            state.mapping.insert(entry)?;
+        }
+        let mut stmt = self
+            .conn
+            .prepare("SELECT Id, Change, Attempts, LastError, Error FROM IgnoredErrors ORDER BY Id")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, Option<String>>(3)?,
+                r.get::<_, String>(4)?,
+            ))
+        })?;
+        for row in rows {
+            let (id, change, attempts, last_error, error) = row?;
+            let entry = queue_entry("IgnoredErrors", id, &change, attempts, last_error)?;
+            state.ignored.push(IgnoredError { entry, error });
+        }
+        Ok(state)
+    }
+
+    /// Durable step *queue*: appends changes to the queue (the cache's ids are the queue's ids)
+    /// and to `state`, in one transaction unless a group is open.
+    pub fn enqueue(&mut self, state: &mut SyncState, changes: &[Change]) -> Result<Vec<QueueId>, CacheError> {
+        self.step(|conn| {
+            let mut insert = conn.prepare_cached(
+                "INSERT INTO OutlookSyncTable (Side, Kind, RecordKey, ObjectTypeCode, Change) VALUES (?1, ?2, ?3, ?4, ?5) \
+                 RETURNING Id",
+            )?;
+            let mut ids = Vec::with_capacity(changes.len());
+            for change in changes {
+                let json = serde_json::to_string(change).map_err(|e| corrupt("OutlookSyncTable", "Change", e))?;
+                let id: i64 = insert.query_row(
+                    params![
+                        format!("{:?}", change.side()),
+                        format!("{:?}", change.kind()),
+                        change.key().to_string(),
+                        change.object_type().code(),
+                        json
+                    ],
+                    |r| r.get(0),
+                )?;
+                ids.push(QueueId(u64::try_from(id).map_err(|_| corrupt("OutlookSyncTable", "Id", id))?));
+            }
+            Ok(ids)
+        })
+        .and_then(|ids| {
+            for (id, change) in ids.iter().zip(changes) {
+                state.queue.insert(QueueEntry { id: *id, change: change.clone(), attempts: 0, last_error: None })?;
+            }
+            Ok(ids)
+        })
+    }
+
+    /// Durable step *settle*: writes what settling `action` changed, reading the rows from the
+    /// state after `settle`: its queue entries (gone, retried or ignored) and the mapping entries
+    /// its link change touches. In one transaction unless a group is open.
+    pub fn record_settled(&mut self, after: &SyncState, action: &Action) -> Result<(), CacheError> {
+        self.step(|conn| {
+            for id in &action.consumed {
+                write_queue_row(conn, after, *id)?;
+            }
+            let touched: Vec<CrmId> = match &action.link {
+                LinkChange::Keep => Vec::new(),
+                LinkChange::Link(p) => vec![p.crm_id],
+                LinkChange::Remove(id) => vec![*id],
+                LinkChange::Replace { remove, link } => vec![*remove, link.crm_id],
+            };
+            for crm_id in touched {
+                write_mapping_row(conn, after.mapping.get(crm_id), crm_id)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Groups the following durable steps into one transaction, until [`SyncCache::commit`]
+    /// (commit every N outcomes). A crash loses the open group, never part of a step.
+    pub fn begin(&mut self) -> Result<(), CacheError> {
+        if !self.in_group {
+            self.conn.execute_batch("BEGIN IMMEDIATE")?;
+            self.in_group = true;
+        }
+        Ok(())
+    }
+
+    /// Makes the open group durable.
+    pub fn commit(&mut self) -> Result<(), CacheError> {
+        if self.in_group {
+            self.conn.execute_batch("COMMIT")?;
+            self.in_group = false;
+        }
+        Ok(())
+    }
+
+    /// Runs one durable step: in its own transaction, or inside the open group.
+    fn step<T>(&mut self, write: impl FnOnce(&Connection) -> Result<T, CacheError>) -> Result<T, CacheError> {
+        if self.in_group {
+            return write(&self.conn);
+        }
+        let tx = self.conn.unchecked_transaction()?;
+        let value = write(&tx)?;
+        tx.commit()?;
+        Ok(value)
+    }
+
+    pub fn meta(&self, key: &str) -> Result<Option<String>, CacheError> {
+        Ok(self
+            .conn
+            .query_row("SELECT Value FROM SyncMeta WHERE Key = ?1", [key], |r| r.get(0))
+            .optional()?)
+    }
+
+    pub fn set_meta(&mut self, key: &str, value: &str) -> Result<(), CacheError> {
+        self.step(|conn| {
+            conn.execute(
+                "INSERT INTO SyncMeta VALUES (?1, ?2) ON CONFLICT (Key) DO UPDATE SET Value = ?2",
+                params![key, value],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Desynchronise: forgets the queue, the mapping, the ignored errors and the metadata, in one
+    /// transaction. Items and records are not the cache's to touch.
+    pub fn clear(&mut self) -> Result<(), CacheError> {
+        self.step(|conn| {
+            conn.execute_batch(
+                "DELETE FROM OutlookSyncTable; DELETE FROM IdMappingTable; DELETE FROM IgnoredErrors; \
+                 DELETE FROM SyncMeta;",
+            )?;
+            Ok(())
+        })
+    }
+}
+
+fn queue_entry(
+    table: &'static str,
+    id: i64,
+    change: &str,
+    attempts: i64,
+    last_error: Option<String>,
+) -> Result<QueueEntry, CacheError> {
+    Ok(QueueEntry {
+        id: QueueId(u64::try_from(id).map_err(|_| corrupt(table, "Id", id))?),
+        change: serde_json::from_str::<Change>(change).map_err(|_| corrupt(table, "Change", change))?,
+        attempts: u32::try_from(attempts).map_err(|_| corrupt(table, "Attempts", attempts))?,
+        last_error,
+    })
+}
+
+/// Mirrors one queue entry of `after`: still queued (attempts, error), ignored, or gone.
+fn write_queue_row(conn: &Connection, after: &SyncState, id: QueueId) -> Result<(), CacheError> {
+    let key = id.0 as i64;
+    if let Some(entry) = after.queue.get(id) {
+        conn.prepare_cached("UPDATE OutlookSyncTable SET Attempts = ?2, LastError = ?3 WHERE Id = ?1")?
+            .execute(params![key, entry.attempts, entry.last_error])?;
+        return Ok(());
+    }
+    conn.prepare_cached("DELETE FROM OutlookSyncTable WHERE Id = ?1")?.execute([key])?;
+    // Ignored entries are few and recent: look from the end.
+    if let Some(ignored) = after.ignored.iter().rev().find(|i| i.entry.id == id) {
+        let change = serde_json::to_string(&ignored.entry.change)
+            .map_err(|e| corrupt("IgnoredErrors", "Change", e))?;
+        conn.prepare_cached("INSERT OR REPLACE INTO IgnoredErrors VALUES (?1, ?2, ?3, ?4, ?5)")?
+            .execute(params![key, change, ignored.entry.attempts, ignored.entry.last_error, ignored.error])?;
+    }
+    Ok(())
+}
+
+/// Mirrors one mapping entry of the state after a settle: present (upsert) or gone (delete).
+fn write_mapping_row(
+    conn: &Connection,
+    entry: Option<&MappingEntry>,
+    crm_id: CrmId,
+) -> Result<(), CacheError> {
+    let Some(m) = entry else {
+        conn.prepare_cached("DELETE FROM IdMappingTable WHERE CrmId = ?1")?.execute([crm_id.to_string()])?;
+        return Ok(());
+    };
+    // A re-pointed pair may take an EntryId or GOID another row held a moment ago in this step:
+    // clear those first, as the pure mapping did.
+    conn.prepare_cached("DELETE FROM IdMappingTable WHERE CrmId <> ?1 AND (EntryId = ?2 OR Goid = ?3)")?
+        .execute(params![crm_id.to_string(), m.entry_id.as_str(), m.goid.as_ref().map(|g| g.to_hex())])?;
+    conn.prepare_cached(
+        "INSERT INTO IdMappingTable (CrmId, EntryId, ObjectTypeCode, Base, Goid, Role, Status, CrmVersion) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (CrmId) DO UPDATE SET EntryId = ?2, \
+         ObjectTypeCode = ?3, Base = ?4, Goid = ?5, Role = ?6, Status = ?7, CrmVersion = ?8",
+    )?
+    .execute(params![
+        crm_id.to_string(),
+        m.entry_id.as_str(),
+        m.object_type.code(),
+        to_json(&m.base)?,
+        m.goid.as_ref().map(|g| g.to_hex()),
+        to_json(&m.role)?,
+        to_json(&m.status)?,
+        m.crm_version.map(|v| v.0 as i64),
+    ])?;
+    Ok(())
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Result<String, CacheError> {
+    serde_json::to_string(value).map_err(|e| corrupt("IdMappingTable", "Base", e))
+}

@@ -20,10 +20,17 @@
 pub mod cache;
 pub mod change;
 pub mod clock;
+#[cfg(feature = "sqlite")]
+pub mod demo;
+#[cfg(feature = "sqlite")]
+pub mod engine;
 pub mod entity;
 pub mod fields;
 pub mod ids;
 pub mod index;
+pub mod mailbox;
+#[cfg(feature = "sqlite")]
+pub mod mailbox_file;
 pub mod mapping;
 pub mod merge;
 pub mod plan;
@@ -44,6 +51,12 @@ pub use change::{
 pub use entity::{EntityGroup, ObjectTypeCode, UnknownObjectTypeCode};
 pub use fields::{FieldPatch, Fields, FieldsError};
 pub use ids::{CrmId, EntryId, GlobalObjectId, IdError, VersionNumber};
+pub use mailbox::{
+    ChangePage, Mailbox, MailboxChange, MailboxCursor, MailboxError, MailboxItem, MemoryMailbox, NewItem,
+    Tracking, UserEdits,
+};
+#[cfg(feature = "sqlite")]
+pub use mailbox_file::{MailboxOpenError, SqliteMailbox};
 pub use mapping::{Mapping, MappingEntry, MappingError};
 pub use merge::{Merged, merge};
 pub use plan::{

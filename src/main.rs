@@ -1,5 +1,8 @@
 //! `crmsync`: the command-line tool over the crmsync adapters.
 //!
+//! `crmsync demo [--dir DIR] [--records N] [--seed S] [--json]`: a demo world on SQLite files,
+//! edited on both sides and synchronised (see `crmsync::demo`).
+//!
 //! `crmsync server <whois|report|orphans|cleanup> --server FILE [--json]`: the support reports of
 //! `crmsync::reports` on an existing server store, as an aligned table or, with `--json`, as JSON.
 //!
@@ -18,6 +21,8 @@ use std::process::ExitCode;
 use chrono::{DateTime, Duration, Utc};
 use clap::{Args, Parser, Subcommand};
 use crmsync::clock::SystemClock;
+use crmsync::demo::{DemoConfig, DemoError, run_demo};
+use crmsync::engine::{DurableStep, StepObserver};
 use crmsync::reports::{self, CLEANUP_AGE_DAYS_MAX, CleanupCandidate, ReportError, SyncEntryTable};
 use crmsync::server::{OpenError, ServerStore};
 use serde::Serialize;
@@ -35,6 +40,23 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Builds a demo world (server, mailbox and sync cache as SQLite files), edits both sides
+    /// and synchronises it three times, printing what each run did per entity type.
+    Demo {
+        /// The folder for the three files (created; must not already hold a demo). Default: a
+        /// new folder under the system's temporary folder.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// How many records the server starts with.
+        #[arg(long, value_name = "N", default_value_t = 200)]
+        records: usize,
+        /// The seed of the sample data: one seed, one demo.
+        #[arg(long, value_name = "S", default_value_t = 1)]
+        seed: u64,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Support queries on a server store (the CRM organisation database).
     #[command(subcommand)]
     Server(ServerCommand),
@@ -183,8 +205,86 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode, Failure> {
     match cli.command {
+        Command::Demo { dir, records, seed, json: as_json } => demo(dir, records, seed, as_json),
         Command::Server(command) => server(command),
     }
+}
+
+/// Draws the demo's progress from the engine's durable steps.
+struct Progress(indicatif::ProgressBar);
+
+impl StepObserver for Progress {
+    fn after(&mut self, step: DurableStep) {
+        self.0.set_message(format!("{step:?}"));
+        self.0.inc(1);
+    }
+}
+
+fn demo(dir: Option<PathBuf>, records: usize, seed: u64, as_json: bool) -> Result<ExitCode, Failure> {
+    let dir = dir.unwrap_or_else(|| crmsync::demo::default_dir(seed));
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {pos} durable steps, last: {msg} [{elapsed}]")
+            .map_err(|e| Failure::Other(e.to_string()))?,
+    );
+    if as_json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let config = DemoConfig { dir, records, seed };
+    let result = run_demo(&config, &mut Progress(bar.clone()));
+    bar.finish_and_clear();
+    let report = result.map_err(|e| match e {
+        DemoError::NotEmpty(_) | DemoError::Records(_) | DemoError::Io { .. } => {
+            Failure::Input(e.to_string())
+        }
+        other => Failure::Other(other.to_string()),
+    })?;
+    if as_json {
+        emit(&json(&report)?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut out = format!("Demo in {}\n", report.dir.display());
+    for run in &report.runs {
+        out.push_str(&format!(
+            "\n{}: {} server changes, {} Outlook changes\n",
+            run.name, run.report.server_changes, run.report.mailbox_changes
+        ));
+        out.push_str(&format!(
+            "  {:<28} {:>7} {:>7} {:>7} {:>9} {:>9} {:>9} {:>6} {:>7}\n",
+            "ENTITY",
+            "CREATED",
+            "UPDATED",
+            "DELETED",
+            "UNTRACKED",
+            "UNCHANGED",
+            "CONFLICTS",
+            "FAILED",
+            "IGNORED"
+        ));
+        for (entity, c) in &run.report.by_entity {
+            out.push_str(&format!(
+                "  {:<28} {:>7} {:>7} {:>7} {:>9} {:>9} {:>9} {:>6} {:>7}\n",
+                entity.to_string(),
+                c.created,
+                c.updated,
+                c.deleted,
+                c.untracked,
+                c.unchanged,
+                c.merged_conflicts,
+                c.failed,
+                c.ignored
+            ));
+        }
+    }
+    out.push_str(&format!(
+        "\nOutlook holds {} items, {} linked to CRM records; {} changes left queued, {} ignored errors.\n",
+        report.mailbox_items, report.mapped_pairs, report.queue_left, report.ignored_errors
+    ));
+    for file in crmsync::demo::DEMO_FILES {
+        out.push_str(&format!("  {}\n", report.dir.join(file).display()));
+    }
+    emit(&out)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn server(command: ServerCommand) -> Result<ExitCode, Failure> {

@@ -214,6 +214,8 @@ pub trait CrmService {
         machine: &str,
         kind: SubscriptionType,
     ) -> Result<SubscriptionId, ServerError>;
+    /// Whether `subscription`'s machine is the user's primary client: only that one syncs.
+    fn is_primary_client(&self, subscription: SubscriptionId) -> Result<bool, ServerError>;
     /// Makes `subscription`'s machine the user's primary client (an explicit, logged act).
     fn set_primary_client(&mut self, subscription: SubscriptionId) -> Result<(), ServerError>;
     /// Removes the subscription, its client row and its SyncEntry table (desynchronise).
@@ -746,6 +748,11 @@ impl CrmService for ServerStore {
         )?;
         tx.commit()?;
         Ok(id)
+    }
+
+    fn is_primary_client(&self, subscription: SubscriptionId) -> Result<bool, ServerError> {
+        self.subscription(subscription)?;
+        self.is_primary(subscription)
     }
 
     fn set_primary_client(&mut self, subscription: SubscriptionId) -> Result<(), ServerError> {

@@ -1,0 +1,460 @@
+//! One sync run (DOMAIN section 4, the seed's seven steps) through the edges: the server
+//! ([`CrmService`]), the mailbox ([`Mailbox`]) and the cache ([`SyncCache`]), deciding with the
+//! pure [`plan`] and [`settle`].
+//!
+//! The durable steps, in order (each is a [`DurableStep`], so a test can stop the process
+//! between any two):
+//! 1. `QueueServerPage`: a page of *get sync data* is queued in the cache (one transaction);
+//! 2. `AcknowledgeServerPage`: the server is told the page is held;
+//! 3. `QueueMailboxPage`: a page of the mailbox's user changes is queued together with the
+//!    mailbox cursor after it (one transaction);
+//! 4. `ApplyAction`: one action's writes to the mailbox and to the server (the mailbox is
+//!    flushed before the cache commits the outcome, so the cache never records a lost write);
+//! 5. `SettleAction`: what settling its outcome changed is written to the cache (per outcome, or
+//!    grouped, see [`EngineConfig::commit_every`]);
+//! 6. `CommitGroup`: a group of settled outcomes becomes durable.
+//!
+//! Why a crash anywhere is safe: a page queued and not acknowledged is handed out again and folds
+//! into the queue as a repeat; a mailbox page is queued with its cursor atomically; an action
+//! applied and not settled is applied again and finds its earlier effect (a create in Outlook
+//! first looks for the item stamped with its `CrmId`, a create in CRM reuses the client-chosen
+//! id, updates and deletes are idempotent).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::cache::{CacheError, SyncCache};
+use crate::change::{Change, ChangeKind, ChangeOp, DeleteReason, Record, Role};
+use crate::entity::ObjectTypeCode;
+use crate::fields::FieldPatch;
+use crate::ids::{CrmId, EntryId};
+use crate::mailbox::{Mailbox, MailboxChange, MailboxCursor, MailboxError, NewItem, Tracking};
+use crate::plan::{Action, ActionOp, LinkChange, PendingLink, PlanError, plan};
+use crate::policy::Policies;
+use crate::server::{CrmService, ServerError, SubscriptionId, SystemUserId};
+use crate::settle::{Applied, ItemError, ItemErrorKind, Outcome, settle};
+
+/// The cache metadata key of the mailbox cursor.
+pub const MAILBOX_CURSOR_KEY: &str = "mailbox_cursor";
+
+/// The durable steps of a run, named as ARCHITECTURE.md names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DurableStep {
+    QueueServerPage,
+    AcknowledgeServerPage,
+    QueueMailboxPage,
+    ApplyAction,
+    SettleAction,
+    CommitGroup,
+}
+
+/// Told before every durable step; a test or the simulator stops the run there (a fail point).
+pub trait StepObserver {
+    /// Called just after `step` became durable.
+    fn after(&mut self, step: DurableStep);
+}
+
+/// Observes nothing.
+#[derive(Debug, Default)]
+pub struct NoObserver;
+
+impl StepObserver for NoObserver {
+    fn after(&mut self, _: DurableStep) {}
+}
+
+/// Where new `CrmId`s for items tracked in Outlook come from (an edge: randomness).
+pub trait IdSource {
+    fn new_crm_id(&mut self) -> CrmId;
+}
+
+/// Deterministic ids (tests, the simulator): UUID v5 of a seed and a counter.
+#[derive(Debug, Clone)]
+pub struct SeededIds {
+    seed: u64,
+    next: u64,
+}
+
+impl SeededIds {
+    pub fn new(seed: u64) -> Self {
+        SeededIds { seed, next: 0 }
+    }
+}
+
+impl IdSource for SeededIds {
+    fn new_crm_id(&mut self) -> CrmId {
+        self.next += 1;
+        let name = format!("crmsync/{}/{}", self.seed, self.next);
+        CrmId::new(Uuid::new_v5(&Uuid::NAMESPACE_OID, name.as_bytes())).expect("a v5 id is never nil")
+    }
+}
+
+/// How a run behaves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineConfig {
+    pub policies: Policies,
+    /// Page size of *get sync data* and of the mailbox's changes.
+    pub page_size: usize,
+    /// Settled outcomes per cache transaction: 1 commits every outcome.
+    pub commit_every: usize,
+    /// "Ignore all errors": a failed change leaves the queue for `IgnoredErrors`.
+    pub ignore_all_errors: bool,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            policies: Policies::default(),
+            page_size: 1000,
+            commit_every: 1,
+            ignore_all_errors: false,
+        }
+    }
+}
+
+/// What one run did, per entity type.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunCounts {
+    pub created: u32,
+    pub updated: u32,
+    pub deleted: u32,
+    pub untracked: u32,
+    pub merged_conflicts: u32,
+    pub unchanged: u32,
+    pub failed: u32,
+    pub ignored: u32,
+}
+
+/// The summary of one run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunReport {
+    /// Whether this client is the primary one (a secondary client does nothing).
+    pub primary: bool,
+    pub server_changes: usize,
+    pub mailbox_changes: usize,
+    pub by_entity: BTreeMap<ObjectTypeCode, RunCounts>,
+}
+
+/// Why a run stopped. Item-level failures are not errors: they are settled and reported.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("server: {0}")]
+    Server(#[from] ServerError),
+    #[error("mailbox: {0}")]
+    Mailbox(#[from] MailboxError),
+    #[error("cache: {0}")]
+    Cache(#[from] CacheError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error("the cache's mailbox cursor {0:?} is not a number")]
+    BadCursor(String),
+}
+
+/// The edges one run works through.
+pub struct Edges<'a, S: CrmService, M: Mailbox> {
+    pub server: &'a mut S,
+    pub mailbox: &'a mut M,
+    pub cache: &'a mut SyncCache,
+    pub ids: &'a mut dyn IdSource,
+    pub observer: &'a mut dyn StepObserver,
+}
+
+/// Runs one sync of `subscription` (the user's) on this machine.
+pub fn run_sync<S: CrmService, M: Mailbox>(
+    edges: Edges<'_, S, M>,
+    subscription: SubscriptionId,
+    user: SystemUserId,
+    config: &EngineConfig,
+) -> Result<RunReport, EngineError> {
+    let Edges { server, mailbox, cache, ids, observer } = edges;
+    let mut report = RunReport { primary: server.is_primary_client(subscription)?, ..RunReport::default() };
+    if !report.primary {
+        // A secondary client reads and never writes.
+        return Ok(report);
+    }
+    let mut state = cache.load()?;
+
+    // Steps 1 and 2: prepare, then queue every server page durably before acknowledging it.
+    server.prepare_sync(subscription)?;
+    let mut after = None;
+    loop {
+        let page = server.get_sync_data(subscription, after, config.page_size)?;
+        report.server_changes += page.changes.len();
+        cache.enqueue(&mut state, &page.changes)?;
+        observer.after(DurableStep::QueueServerPage);
+        if let Some(last) = page.last_seq {
+            server.acknowledge(subscription, last)?;
+            observer.after(DurableStep::AcknowledgeServerPage);
+        }
+        after = page.last_seq.or(after);
+        if !page.more {
+            break;
+        }
+    }
+
+    // Step 3: the user's changes of tracked items since the last run, with the cursor.
+    let mut cursor = match cache.meta(MAILBOX_CURSOR_KEY)? {
+        Some(text) => MailboxCursor(text.parse().map_err(|_| EngineError::BadCursor(text))?),
+        None => MailboxCursor::START,
+    };
+    loop {
+        let page = mailbox.changes_since(cursor, config.page_size)?;
+        report.mailbox_changes += page.changes.len();
+        let changes: Vec<Change> = page.changes.iter().filter_map(|c| outlook_change(c, ids)).collect();
+        cache.begin()?;
+        cache.enqueue(&mut state, &changes)?;
+        cache.set_meta(MAILBOX_CURSOR_KEY, &page.cursor.0.to_string())?;
+        cache.commit()?;
+        observer.after(DurableStep::QueueMailboxPage);
+        cursor = page.cursor;
+        if !page.more {
+            break;
+        }
+    }
+
+    // Steps 4 to 7: plan, apply, settle.
+    let plan = plan(&state.queue, &state.mapping, &config.policies)?;
+    let mut in_group = 0;
+    for action in &plan.actions {
+        let outcome = apply(action, server, mailbox, user, config)?;
+        observer.after(DurableStep::ApplyAction);
+        count(&mut report, action, &outcome);
+        state = settle(state, action, outcome);
+        if in_group == 0 && config.commit_every > 1 {
+            cache.begin()?;
+        }
+        if config.commit_every <= 1 {
+            mailbox.flush()?;
+        }
+        cache.record_settled(&state, action)?;
+        observer.after(DurableStep::SettleAction);
+        in_group += 1;
+        if in_group >= config.commit_every.max(1) {
+            // The mailbox's writes become durable before the cache records their outcomes.
+            mailbox.flush()?;
+            cache.commit()?;
+            observer.after(DurableStep::CommitGroup);
+            in_group = 0;
+        }
+    }
+    mailbox.flush()?;
+    cache.commit()?;
+    if in_group > 0 {
+        observer.after(DurableStep::CommitGroup);
+    }
+    Ok(report)
+}
+
+/// The change a mailbox change stands for. An item the user just tracked is created in CRM
+/// under a new id; a stamped one carries its stamp.
+fn outlook_change(change: &MailboxChange, ids: &mut dyn IdSource) -> Option<Change> {
+    let op = match (&change.item, change.kind) {
+        (None, _) | (_, ChangeKind::Delete) => ChangeOp::Delete(DeleteReason::Deleted),
+        (Some(item), kind) => {
+            let crm_id = match item.tracking {
+                Tracking::Stamped(id) => id,
+                Tracking::Pending | Tracking::Untracked => ids.new_crm_id(),
+            };
+            let record = Record {
+                fields: item.fields.clone(),
+                goid: item.goid.clone(),
+                role: Role::Owner,
+                status: item.status,
+                crm_id: Some(crm_id),
+            };
+            if kind == ChangeKind::Create { ChangeOp::Create(record) } else { ChangeOp::Update(record) }
+        }
+    };
+    // A change the mailbox reports is always a valid Outlook change.
+    Change::outlook(change.entry_id.clone(), change.object_type, change.modified_at, op).ok()
+}
+
+/// Performs one action's writes. Item-level failures become the outcome; a failure of a store
+/// itself stops the run.
+fn apply<S: CrmService, M: Mailbox>(
+    action: &Action,
+    server: &mut S,
+    mailbox: &mut M,
+    user: SystemUserId,
+    config: &EngineConfig,
+) -> Result<Outcome, EngineError> {
+    let failed = |error: ItemError| {
+        if config.ignore_all_errors { Outcome::FailedIgnored(error) } else { Outcome::Failed(error) }
+    };
+    let result = match &action.op {
+        ActionOp::Reject { error } => {
+            return Ok(failed(ItemError::new(ItemErrorKind::Invalid, error.to_string())));
+        }
+        ActionOp::Drop { .. } => Ok(Applied::default()),
+        ActionOp::CreateInOutlook { crm_id, fields, goid_search } => {
+            create_in_outlook(mailbox, action, *crm_id, fields, goid_search.as_ref())
+        }
+        ActionOp::CreateInCrm { crm_id, entry_id, fields } => {
+            let link = pending(&action.link);
+            let record = Record {
+                fields: fields.clone(),
+                goid: link.and_then(|l| l.goid.clone()),
+                role: Role::Owner,
+                status: link.map_or(crate::change::ActivityStatus::Open, |l| l.status),
+                crm_id: None,
+            };
+            server_write(server.create_record(user, *crm_id, action.object_type, &record)).and_then(|v| {
+                restamp(mailbox, entry_id, *crm_id)?;
+                Ok(Applied { entry_id: None, crm_version: Some(v) })
+            })
+        }
+        ActionOp::Update { crm_id, entry_id, to_crm, to_outlook } => {
+            let version = if to_crm.is_empty() {
+                Ok(None)
+            } else {
+                server_write(server.update_record(*crm_id, to_crm)).map(Some)
+            };
+            version.and_then(|v| {
+                if !to_outlook.is_empty() {
+                    mailbox_write(mailbox.update(entry_id, to_outlook))?;
+                }
+                restamp(mailbox, entry_id, *crm_id)?;
+                Ok(Applied { entry_id: None, crm_version: v })
+            })
+        }
+        ActionOp::DeleteInOutlook { entry_id, .. } => {
+            mailbox_write(mailbox.delete(entry_id)).map(|()| Applied::default())
+        }
+        ActionOp::DeleteInCrm { crm_id, .. } => server_write(server.delete_record(*crm_id))
+            .map(|v| Applied { entry_id: None, crm_version: Some(v) }),
+        ActionOp::Untrack { entry_id, .. } => match mailbox.set_stamp(entry_id, None) {
+            Ok(()) | Err(MailboxError::NotFound(_)) => Ok(Applied::default()),
+            Err(e) => mailbox_write(Err(e)),
+        },
+    };
+    match result {
+        Ok(applied) => Ok(Outcome::Applied(applied)),
+        Err(Failure::Item(error)) => Ok(failed(error)),
+        Err(Failure::Fatal(error)) => Err(error),
+    }
+}
+
+/// An item-level failure (the run goes on) or a store failure (the run stops).
+enum Failure {
+    Item(ItemError),
+    Fatal(EngineError),
+}
+
+impl From<MailboxError> for Failure {
+    fn from(error: MailboxError) -> Failure {
+        match error {
+            MailboxError::NotFound(_) | MailboxError::StampTaken { .. } | MailboxError::Fields(_) => {
+                Failure::Item(ItemError::new(ItemErrorKind::Rejected, error.to_string()))
+            }
+            other => Failure::Fatal(other.into()),
+        }
+    }
+}
+
+impl From<ServerError> for Failure {
+    fn from(error: ServerError) -> Failure {
+        match error {
+            ServerError::Sqlite(_) | ServerError::Corrupt { .. } => Failure::Fatal(error.into()),
+            other => Failure::Item(ItemError::new(ItemErrorKind::Rejected, other.to_string())),
+        }
+    }
+}
+
+fn server_write<T>(result: Result<T, ServerError>) -> Result<T, Failure> {
+    result.map_err(Failure::from)
+}
+
+fn mailbox_write<T>(result: Result<T, MailboxError>) -> Result<T, Failure> {
+    result.map_err(Failure::from)
+}
+
+fn pending(link: &LinkChange) -> Option<&PendingLink> {
+    match link {
+        LinkChange::Link(p) | LinkChange::Replace { link: p, .. } => Some(p),
+        LinkChange::Keep | LinkChange::Remove(_) => None,
+    }
+}
+
+/// Creates the item for `crm_id`, unless an earlier try created it (stamped) or, for a meeting,
+/// the attendee's copy is already there (same GOID): then that item is brought to `fields`.
+fn create_in_outlook<M: Mailbox>(
+    mailbox: &mut M,
+    action: &Action,
+    crm_id: CrmId,
+    fields: &crate::fields::Fields,
+    goid_search: Option<&crate::ids::GlobalObjectId>,
+) -> Result<Applied, Failure> {
+    let found = match mailbox.find_by_stamp(crm_id)? {
+        Some(entry) => Some(entry),
+        None => match goid_search {
+            Some(goid) => mailbox.find_by_goid(goid)?,
+            None => None,
+        },
+    };
+    let entry_id = match found {
+        Some(entry) => {
+            if let Some(item) = mailbox.get(&entry)? {
+                let patch = FieldPatch::between(&item.fields, fields);
+                if !patch.is_empty() {
+                    mailbox.update(&entry, &patch)?;
+                }
+            }
+            restamp(mailbox, &entry, crm_id)?;
+            entry
+        }
+        None => {
+            let link = pending(&action.link);
+            mailbox.create(NewItem {
+                object_type: action.object_type,
+                fields: fields.clone(),
+                goid: link.and_then(|l| l.goid.clone()).filter(|_| action.object_type.is_calendar()),
+                status: link.map_or(crate::change::ActivityStatus::Open, |l| l.status),
+                stamp: crm_id,
+            })?
+        }
+    };
+    Ok(Applied { entry_id: Some(entry_id), crm_version: None })
+}
+
+/// Makes sure the item carries `crm_id` (a link, a re-created record); an item deleted since is
+/// fine: the mapping's next run sees the delete.
+fn restamp<M: Mailbox>(mailbox: &mut M, entry_id: &EntryId, crm_id: CrmId) -> Result<(), Failure> {
+    match mailbox.get(entry_id)? {
+        Some(item) if item.stamp() == Some(crm_id) => Ok(()),
+        Some(_) => Ok(mailbox.set_stamp(entry_id, Some(crm_id))?),
+        None => Ok(()),
+    }
+}
+
+fn count(report: &mut RunReport, action: &Action, outcome: &Outcome) {
+    let counts = report.by_entity.entry(action.object_type).or_default();
+    match outcome {
+        Outcome::Failed(_) => counts.failed += 1,
+        Outcome::FailedIgnored(_) => counts.ignored += 1,
+        Outcome::Applied(_) => {
+            match &action.op {
+                ActionOp::CreateInOutlook { .. } | ActionOp::CreateInCrm { .. } => counts.created += 1,
+                ActionOp::Update { .. } => counts.updated += 1,
+                ActionOp::DeleteInOutlook { .. } | ActionOp::DeleteInCrm { .. } => counts.deleted += 1,
+                ActionOp::Untrack { .. } => counts.untracked += 1,
+                ActionOp::Drop { .. } | ActionOp::Reject { .. } => counts.unchanged += 1,
+            }
+            if !action.conflicts.is_empty() {
+                counts.merged_conflicts += 1;
+            }
+        }
+    }
+}
+
+/// Desynchronise: removes the subscription on the server and forgets the cache's queue,
+/// mapping and ignored errors. Every Outlook item and every CRM record stays where it is.
+pub fn unlink<S: CrmService>(
+    server: &mut S,
+    cache: &mut SyncCache,
+    subscription: SubscriptionId,
+) -> Result<(), EngineError> {
+    server.unregister_client(subscription)?;
+    cache.clear()?;
+    Ok(())
+}

@@ -1,0 +1,264 @@
+//! The sync engine end to end on the real server store, a mailbox and a cache: a first sync
+//! brings both sides together, a second one writes nothing, edits on both sides converge, a
+//! secondary machine does nothing, failures stay queued or are ignored, and unlinking keeps every
+//! item and record.
+
+use std::rc::Rc;
+
+use chrono::{DateTime, Utc};
+use crmsync::ObjectTypeCode::{Appointment, Contact, Email, Task};
+use crmsync::cache::SyncCache;
+use crmsync::clock::ManualClock;
+use crmsync::engine::*;
+use crmsync::mailbox::{Mailbox, MemoryMailbox, UserEdits};
+use crmsync::server::*;
+use crmsync::*;
+use uuid::Uuid;
+
+use crate::support::*;
+
+fn user(n: u8) -> SystemUserId {
+    SystemUserId::new(Uuid::from_u128(0x7700 + n as u128)).unwrap()
+}
+
+struct Machine {
+    mailbox: MemoryMailbox,
+    cache: SyncCache,
+    ids: SeededIds,
+    subscription: SubscriptionId,
+}
+
+struct World {
+    server: ServerStore,
+    clock: Rc<ManualClock>,
+}
+
+impl World {
+    fn new() -> Self {
+        let clock = Rc::new(ManualClock::new(DateTime::<Utc>::UNIX_EPOCH));
+        let mut server = ServerStore::in_memory(Box::new(clock.clone())).unwrap();
+        for n in 0..2 {
+            server.add_user(user(n), &format!("User {n}")).unwrap();
+        }
+        World { server, clock }
+    }
+
+    fn machine(&mut self, who: u8, name: &str, prefix: &str) -> Machine {
+        Machine {
+            mailbox: MemoryMailbox::new(prefix, Box::new(self.clock.clone())).unwrap(),
+            cache: SyncCache::in_memory().unwrap(),
+            ids: SeededIds::new(u64::from(who)),
+            subscription: self.server.register_client(user(who), name, SubscriptionType::Outlook).unwrap(),
+        }
+    }
+
+    fn sync(&mut self, m: &mut Machine, who: u8, config: &EngineConfig) -> RunReport {
+        let edges = Edges {
+            server: &mut self.server,
+            mailbox: &mut m.mailbox,
+            cache: &mut m.cache,
+            ids: &mut m.ids,
+            observer: &mut NoObserver,
+        };
+        run_sync(edges, m.subscription, user(who), config).unwrap()
+    }
+
+    fn put(&mut self, crm: u128, owner: u8, otc: ObjectTypeCode, fields: &[(&str, &str)], attendees: &[u8]) {
+        self.server
+            .put_record(&ServerRecord {
+                crm_id: id(crm),
+                object_type: otc,
+                owner: user(owner),
+                version: VersionNumber(0),
+                fields: f(fields),
+                goid: otc.is_calendar().then(|| goid(crm as u8)),
+                status: ActivityStatus::Open,
+                attendees: attendees.iter().map(|&n| user(n)).collect(),
+            })
+            .unwrap();
+    }
+}
+
+/// Every linked pair agrees field by field, and the mapping links exactly the stamped items.
+fn assert_converged(world: &World, m: &Machine) {
+    let state = m.cache.load().unwrap();
+    assert!(state.queue.is_empty(), "queue left: {:?}", state.queue.entries());
+    let items = m.mailbox.all_items().unwrap();
+    let stamped: Vec<_> = items.iter().filter(|i| i.stamp().is_some()).collect();
+    assert_eq!(state.mapping.len(), stamped.len());
+    for item in stamped {
+        let crm_id = item.stamp().unwrap();
+        let pair = state.mapping.get(crm_id).expect("a stamped item is mapped");
+        assert_eq!(pair.entry_id, item.entry_id);
+        let record = world.server.record(crm_id).unwrap().expect("the record exists");
+        assert_eq!(record.fields, item.fields, "{crm_id} differs");
+        assert_eq!(pair.base, item.fields);
+    }
+}
+
+#[test]
+fn a_first_sync_brings_both_sides_together_and_a_second_writes_nothing() {
+    let mut world = World::new();
+    let mut laptop = world.machine(0, "LAPTOP", "AA");
+    world.put(1, 0, Contact, &[("fullname", "Alice")], &[]);
+    world.put(2, 1, Appointment, &[("subject", "Review")], &[0]);
+    world.put(3, 0, Task, &[("subject", "Call back")], &[]);
+    world.put(4, 1, Contact, &[("fullname", "Not ours")], &[]);
+    let bob =
+        laptop.mailbox.user_create(Contact, f(&[("fullname", "Bob")]), None, ActivityStatus::Open).unwrap();
+    laptop.mailbox.user_track(&bob).unwrap();
+    laptop.mailbox.user_create(Contact, f(&[("fullname", "Private")]), None, ActivityStatus::Open).unwrap();
+
+    let first = world.sync(&mut laptop, 0, &EngineConfig::default());
+    assert!(first.primary);
+    assert_eq!(first.server_changes, 3);
+    assert_eq!(first.mailbox_changes, 1);
+    assert_eq!(laptop.mailbox.all_items().unwrap().len(), 5, "three records came in; two items were there");
+    let bob_id = laptop.mailbox.get(&bob).unwrap().unwrap().stamp().expect("Bob is linked");
+    assert_eq!(world.server.record(bob_id).unwrap().unwrap().fields, f(&[("fullname", "Bob")]));
+    assert_converged(&world, &laptop);
+
+    let mapping = laptop.cache.load().unwrap().mapping;
+    let second = world.sync(&mut laptop, 0, &EngineConfig::default());
+    // Bob's record came back as the server's view of a create made by this client: no write.
+    let writes: u32 = second.by_entity.values().map(|c| c.created + c.updated + c.deleted + c.failed).sum();
+    assert_eq!(writes, 0, "{second:?}");
+    assert_eq!(laptop.cache.load().unwrap().mapping, mapping);
+    let third = world.sync(&mut laptop, 0, &EngineConfig::default());
+    assert_eq!((third.server_changes, third.mailbox_changes), (0, 0), "echo-free: {third:?}");
+}
+
+#[test]
+fn edits_on_both_sides_converge_with_crm_winning_a_conflict() {
+    let mut world = World::new();
+    let mut laptop = world.machine(0, "LAPTOP", "AA");
+    world.put(1, 0, Contact, &[("fullname", "Alice"), ("jobtitle", "Dev"), ("telephone1", "100")], &[]);
+    world.put(2, 0, Task, &[("subject", "Call back")], &[]);
+    let config = EngineConfig { commit_every: 3, ..EngineConfig::default() };
+    world.sync(&mut laptop, 0, &config);
+    let alice = laptop.mailbox.find_by_stamp(id(1)).unwrap().unwrap();
+    let task = laptop.mailbox.find_by_stamp(id(2)).unwrap().unwrap();
+
+    world.put(1, 0, Contact, &[("fullname", "Alice"), ("jobtitle", "Lead"), ("telephone1", "200")], &[]);
+    laptop
+        .mailbox
+        .user_update(&alice, f(&[("fullname", "Alicia"), ("jobtitle", "Dev"), ("telephone1", "300")]))
+        .unwrap();
+    laptop.mailbox.user_delete(&task).unwrap();
+    let report = world.sync(&mut laptop, 0, &config);
+    assert_eq!(report.by_entity[&Contact].merged_conflicts, 1);
+    let merged = f(&[("fullname", "Alicia"), ("jobtitle", "Lead"), ("telephone1", "200")]);
+    assert_eq!(laptop.mailbox.get(&alice).unwrap().unwrap().fields, merged);
+    assert_eq!(world.server.record(id(1)).unwrap().unwrap().fields, merged);
+    // A current task deleted in Outlook is deleted in CRM.
+    assert_eq!(world.server.record(id(2)).unwrap(), None);
+    assert_converged(&world, &laptop);
+}
+
+#[test]
+fn a_secondary_machine_never_writes() {
+    let mut world = World::new();
+    let mut laptop = world.machine(0, "LAPTOP", "AA");
+    let mut desktop = world.machine(0, "DESKTOP", "BB");
+    world.put(1, 0, Contact, &[("fullname", "Alice")], &[]);
+    let tracked =
+        desktop.mailbox.user_create(Contact, f(&[("fullname", "Desk")]), None, ActivityStatus::Open).unwrap();
+    desktop.mailbox.user_track(&tracked).unwrap();
+    let report = world.sync(&mut desktop, 0, &EngineConfig::default());
+    assert!(!report.primary);
+    assert_eq!(desktop.mailbox.all_items().unwrap().len(), 1);
+    assert!(desktop.cache.load().unwrap().queue.is_empty());
+    // The primary machine still gets everything.
+    world.sync(&mut laptop, 0, &EngineConfig::default());
+    assert_eq!(laptop.mailbox.all_items().unwrap().len(), 1);
+}
+
+#[test]
+fn a_failure_stays_queued_unless_errors_are_ignored() {
+    let mut world = World::new();
+    let mut laptop = world.machine(0, "LAPTOP", "AA");
+    world.put(1, 0, Email, &[("subject", "tracked, not synchronised")], &[]);
+    world.put(2, 0, Contact, &[("fullname", "Alice")], &[]);
+    let report = world.sync(&mut laptop, 0, &EngineConfig::default());
+    assert_eq!(report.by_entity[&Email].failed, 1);
+    let state = laptop.cache.load().unwrap();
+    assert_eq!(state.queue.len(), 1);
+    assert_eq!(state.queue.entries()[0].attempts, 1);
+    let ignoring = EngineConfig { ignore_all_errors: true, ..EngineConfig::default() };
+    let report = world.sync(&mut laptop, 0, &ignoring);
+    assert_eq!(report.by_entity[&Email].ignored, 1);
+    let state = laptop.cache.load().unwrap();
+    assert!(state.queue.is_empty());
+    assert_eq!(state.ignored.len(), 1);
+    assert_eq!(state.ignored[0].entry.attempts, 2);
+}
+
+#[test]
+fn unlinking_keeps_every_item_and_record() {
+    let mut world = World::new();
+    let mut laptop = world.machine(0, "LAPTOP", "AA");
+    world.put(1, 0, Appointment, &[("subject", "Review")], &[]);
+    world.put(2, 0, Contact, &[("fullname", "Alice")], &[]);
+    world.sync(&mut laptop, 0, &EngineConfig::default());
+    let items = laptop.mailbox.all_items().unwrap();
+    unlink(&mut world.server, &mut laptop.cache, laptop.subscription).unwrap();
+    assert_eq!(laptop.mailbox.all_items().unwrap(), items, "every appointment stays in Outlook");
+    assert!(world.server.record(id(1)).unwrap().is_some() && world.server.record(id(2)).unwrap().is_some());
+    let state = laptop.cache.load().unwrap();
+    assert!(state.queue.is_empty() && state.mapping.is_empty());
+    assert!(world.server.prepare_sync(laptop.subscription).is_err(), "the subscription is gone");
+
+    // Re-linking the machine relinks by the stamps: no second copy of anything.
+    laptop.subscription = world.server.register_client(user(0), "LAPTOP", SubscriptionType::Outlook).unwrap();
+    world.sync(&mut laptop, 0, &EngineConfig::default());
+    assert_eq!(laptop.mailbox.all_items().unwrap().len(), 2);
+    assert_converged(&world, &laptop);
+}
+
+#[test]
+fn the_demo_runs_to_a_settled_state_and_never_overwrites_a_folder() {
+    use crmsync::demo::*;
+    let dir = std::env::temp_dir().join(format!("crmsync-demo-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let config = DemoConfig { dir: dir.clone(), records: 40, seed: 7 };
+    let report = run_demo(&config, &mut NoObserver).unwrap();
+    assert_eq!(report.runs.len(), 3);
+    assert_eq!((report.queue_left, report.ignored_errors), (0, 1), "only the email is left, ignored");
+    let second = &report.runs[1].report;
+    assert_eq!(second.by_entity[&Contact].merged_conflicts, 1);
+    assert_eq!(second.by_entity[&Email].failed, 1);
+    // A second demo in the same folder is refused and changes nothing.
+    let before: Vec<Vec<u8>> = DEMO_FILES.iter().map(|f| std::fs::read(dir.join(f)).unwrap()).collect();
+    assert!(matches!(run_demo(&config, &mut NoObserver), Err(DemoError::NotEmpty(_))));
+    let after: Vec<Vec<u8>> = DEMO_FILES.iter().map(|f| std::fs::read(dir.join(f)).unwrap()).collect();
+    assert_eq!(before, after);
+    assert!(matches!(
+        run_demo(&DemoConfig { records: 3, ..config }, &mut NoObserver),
+        Err(DemoError::Records(3))
+    ));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[cfg(feature = "cli")]
+#[test]
+fn crmsync_demo_runs_from_the_command_line() {
+    let dir = std::env::temp_dir().join(format!("crmsync-demo-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_crmsync"))
+        .args(["demo", "--records", "20", "--json", "--dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["queue_left"], 0);
+    assert_eq!(report["runs"].as_array().unwrap().len(), 3);
+    let again = std::process::Command::new(env!("CARGO_BIN_EXE_crmsync"))
+        .args(["demo", "--dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already holds a demo file"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -715,14 +715,8 @@ impl<'m> Planner<'m> {
 
     fn create_in_outlook(&mut self, ctx: Ctx, crm: &Option<Coalesced>, record: &Record) -> Action {
         let crm_id = crm.as_ref().map(|c| crm_id_key(c.key)).expect("CRM side present");
-        if let Some(goid) = &record.goid {
-            if let Err(holder) = self.claim_goid(goid, crm_id) {
-                return ctx.reject(RecordError::DuplicateGoid {
-                    key: RecordKey::Crm(crm_id),
-                    goid: goid.clone(),
-                    holder,
-                });
-            }
+        if let Err(error) = self.claim_goid_for(record.goid.as_ref(), crm_id, || RecordKey::Crm(crm_id)) {
+            return ctx.reject(error);
         }
         let merged = merged_or_reject!(
             ctx,
@@ -763,14 +757,10 @@ impl<'m> Planner<'m> {
         if in_run || self.created_in_crm.insert(crm_id, ()).is_some() {
             return ctx.reject(RecordError::StampInUse { entry_id, crm_id });
         }
-        if let Some(goid) = &record.goid {
-            if let Err(holder) = self.claim_goid(goid, crm_id) {
-                return ctx.reject(RecordError::DuplicateGoid {
-                    key: RecordKey::Outlook(entry_id),
-                    goid: goid.clone(),
-                    holder,
-                });
-            }
+        if let Err(error) =
+            self.claim_goid_for(record.goid.as_ref(), crm_id, || RecordKey::Outlook(entry_id.clone()))
+        {
+            return ctx.reject(error);
         }
         let merged = merged_or_reject!(
             ctx,
@@ -804,14 +794,8 @@ impl<'m> Planner<'m> {
             unreachable!("a joined group is keyed by its CRM side")
         };
         let goid = crm.goid.clone().or_else(|| outlook.goid.clone());
-        if let Some(goid) = &goid {
-            if let Err(holder) = self.claim_goid(goid, crm_id) {
-                return ctx.reject(RecordError::DuplicateGoid {
-                    key: RecordKey::Crm(crm_id),
-                    goid: goid.clone(),
-                    holder,
-                });
-            }
+        if let Err(error) = self.claim_goid_for(goid.as_ref(), crm_id, || RecordKey::Crm(crm_id)) {
+            return ctx.reject(error);
         }
         let merged = merged_or_reject!(
             ctx,
@@ -894,6 +878,21 @@ impl<'m> Planner<'m> {
             ActionOp::Untrack { crm_id, entry_id }
         };
         ctx.act(row, op, LinkChange::Remove(crm_id), vec![])
+    }
+
+    /// Claims a meeting's GOID (if any) for `crm_id`, or the record's `DuplicateGoid` error.
+    fn claim_goid_for(
+        &mut self,
+        goid: Option<&GlobalObjectId>,
+        crm_id: CrmId,
+        key: impl FnOnce() -> RecordKey,
+    ) -> Result<(), RecordError> {
+        let Some(goid) = goid else { return Ok(()) };
+        self.claim_goid(goid, crm_id).map_err(|holder| RecordError::DuplicateGoid {
+            key: key(),
+            goid: goid.clone(),
+            holder,
+        })
     }
 
     /// Claims a meeting's GOID for `crm_id`; fails with the holder when another record already

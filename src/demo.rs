@@ -27,6 +27,12 @@ pub const DEMO_RECORDS_MAX: usize = 100_000;
 /// The files of a demo, in its folder.
 pub const DEMO_FILES: [&str; 3] = ["server.sqlite", "mailbox.sqlite", "OutlookSyncCache.sqlite"];
 
+/// The cache metadata key of the subscription the cache is linked to (its `SubscriptionId`), so
+/// `crmsync sync` and `crmsync unlink` can find it.
+pub const SUBSCRIPTION_KEY: &str = "subscription";
+/// The cache metadata key of the user the linked subscription belongs to (its `SystemUserId`).
+pub const USER_KEY: &str = "user";
+
 #[derive(Debug, Clone)]
 pub struct DemoConfig {
     pub dir: PathBuf,
@@ -203,6 +209,11 @@ pub fn run_demo(config: &DemoConfig, observer: &mut dyn StepObserver) -> Result<
     }
 
     let subscription = server.register_client(alice, "ALICE-LAPTOP", SubscriptionType::Outlook)?;
+    // The cache remembers what it is linked to, for the runs after the demo.
+    cache.begin().map_err(EngineError::from)?;
+    cache.set_meta(SUBSCRIPTION_KEY, &subscription.to_string()).map_err(EngineError::from)?;
+    cache.set_meta(USER_KEY, &alice.to_string()).map_err(EngineError::from)?;
+    cache.commit().map_err(EngineError::from)?;
     let mut ids = SeededIds::new(config.seed);
     let mut runs = Vec::new();
     let mut sync =

@@ -10,9 +10,11 @@
 //!    mailbox cursor after it (one transaction);
 //! 4. `ApplyAction`: one action's writes to the mailbox and to the server (the mailbox is
 //!    flushed before the cache commits the outcome, so the cache never records a lost write);
-//! 5. `SettleAction`: what settling its outcome changed is written to the cache (per outcome, or
+//! 5. `FlushMailbox`: the mailbox's writes so far become durable, before the cache records
+//!    their outcomes (so the cache never records a write the mailbox lost);
+//! 6. `SettleAction`: what settling its outcome changed is written to the cache (per outcome, or
 //!    grouped, see [`EngineConfig::commit_every`]);
-//! 6. `CommitGroup`: a group of settled outcomes becomes durable.
+//! 7. `CommitGroup`: a group of settled outcomes becomes durable.
 //!
 //! Why a crash anywhere is safe: a page queued and not acknowledged is handed out again and folds
 //! into the queue as a repeat; a mailbox page is queued with its cursor atomically; an action
@@ -46,6 +48,8 @@ pub enum DurableStep {
     AcknowledgeServerPage,
     QueueMailboxPage,
     ApplyAction,
+    /// The mailbox's writes so far are durable (before the cache records their outcomes).
+    FlushMailbox,
     SettleAction,
     CommitGroup,
 }
@@ -62,6 +66,52 @@ pub struct NoObserver;
 
 impl StepObserver for NoObserver {
     fn after(&mut self, _: DurableStep) {}
+}
+
+/// The environment variable that makes [`PauseAtStep`] stop a run.
+pub const PAUSE_AT_STEP_VAR: &str = "CRMSYNC_PAUSE_AT_STEP";
+
+/// A fail point for crash tests: at the N-th durable step (counting from 1) it writes
+/// `crmsync: paused after durable step N (Step)` to stderr and sleeps until the process is
+/// killed. N comes from [`PAUSE_AT_STEP_VAR`]; without it, it only passes each step on.
+pub struct PauseAtStep<'a> {
+    at: Option<u64>,
+    seen: u64,
+    inner: &'a mut dyn StepObserver,
+}
+
+impl<'a> PauseAtStep<'a> {
+    /// Reads [`PAUSE_AT_STEP_VAR`]; a value that is not a number is ignored.
+    pub fn from_env(inner: &'a mut dyn StepObserver) -> Self {
+        let at = std::env::var(PAUSE_AT_STEP_VAR).ok().and_then(|v| v.parse().ok());
+        PauseAtStep { at, seen: 0, inner }
+    }
+}
+
+impl StepObserver for PauseAtStep<'_> {
+    fn after(&mut self, step: DurableStep) {
+        self.inner.after(step);
+        self.seen += 1;
+        if self.at == Some(self.seen) {
+            use std::io::Write;
+            let mut err = std::io::stderr().lock();
+            let _ = writeln!(err, "crmsync: paused after durable step {} ({step:?})", self.seen);
+            let _ = err.flush();
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
+        }
+    }
+}
+
+/// Counts durable steps (how many kill points a run has).
+#[derive(Debug, Default)]
+pub struct StepCounter(pub u64);
+
+impl StepObserver for StepCounter {
+    fn after(&mut self, _: DurableStep) {
+        self.0 += 1;
+    }
 }
 
 /// Where new `CrmId`s for items tracked in Outlook come from (an edge: randomness).
@@ -226,6 +276,7 @@ pub fn run_sync<S: CrmService, M: Mailbox>(
         }
         if config.commit_every <= 1 {
             mailbox.flush()?;
+            observer.after(DurableStep::FlushMailbox);
         }
         cache.record_settled(&state, action)?;
         observer.after(DurableStep::SettleAction);
@@ -233,14 +284,16 @@ pub fn run_sync<S: CrmService, M: Mailbox>(
         if in_group >= config.commit_every.max(1) {
             // The mailbox's writes become durable before the cache records their outcomes.
             mailbox.flush()?;
+            observer.after(DurableStep::FlushMailbox);
             cache.commit()?;
             observer.after(DurableStep::CommitGroup);
             in_group = 0;
         }
     }
-    mailbox.flush()?;
-    cache.commit()?;
     if in_group > 0 {
+        mailbox.flush()?;
+        observer.after(DurableStep::FlushMailbox);
+        cache.commit()?;
         observer.after(DurableStep::CommitGroup);
     }
     Ok(report)

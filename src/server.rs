@@ -535,6 +535,21 @@ impl ServerStore {
         }))
     }
 
+    /// Every record, in `CrmId` order (checks and reports).
+    pub fn all_records(&self) -> Result<Vec<ServerRecord>, ServerError> {
+        let ids: Vec<String> = {
+            let mut stmt = self.conn.prepare("SELECT ObjectId FROM Record ORDER BY ObjectId")?;
+            stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?
+        };
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(record) = self.record(parse_crm_id("Record", &id)?)? {
+                out.push(record);
+            }
+        }
+        Ok(out)
+    }
+
     fn is_tombstoned(&self, crm_id: CrmId) -> Result<bool, ServerError> {
         let found: Option<i64> = self
             .conn

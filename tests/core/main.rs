@@ -9,6 +9,10 @@
 mod bad_input;
 #[cfg(feature = "sqlite")]
 mod cache;
+#[cfg(feature = "cli")]
+mod cli;
+#[cfg(feature = "cli")]
+mod crash;
 mod decision_table;
 #[cfg(feature = "sqlite")]
 mod engine;

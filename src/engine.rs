@@ -507,7 +507,11 @@ pub fn unlink<S: CrmService>(
     cache: &mut SyncCache,
     subscription: SubscriptionId,
 ) -> Result<(), EngineError> {
-    server.unregister_client(subscription)?;
+    match server.unregister_client(subscription) {
+        // Already gone (a cleanup removed it): the cache is still to be forgotten.
+        Ok(()) | Err(ServerError::UnknownSubscription(_)) => {}
+        Err(other) => return Err(other.into()),
+    }
     cache.clear()?;
     Ok(())
 }

@@ -207,6 +207,8 @@ fn unlinking_keeps_every_item_and_record() {
     let state = laptop.cache.load().unwrap();
     assert!(state.queue.is_empty() && state.mapping.is_empty());
     assert!(world.server.prepare_sync(laptop.subscription).is_err(), "the subscription is gone");
+    // Unlinking again (the server forgot it already, as after a cleanup) still succeeds.
+    unlink(&mut world.server, &mut laptop.cache, laptop.subscription).unwrap();
 
     // Re-linking the machine relinks by the stamps: no second copy of anything.
     laptop.subscription = world.server.register_client(user(0), "LAPTOP", SubscriptionType::Outlook).unwrap();

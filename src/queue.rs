@@ -196,7 +196,7 @@ pub struct Coalesced<'q> {
     /// The stamp of the latest change folded in.
     pub stamp: ChangeStamp,
     pub net: Net<'q>,
-    /// Outlook side: the `CrmId` of the latest record that carries one. An item queued for
+    /// Outlook side: the `CrmId` of the first record that carries one. An item queued for
     /// creation under a chosen id and edited before it synced keeps that id.
     pub crm_id: Option<CrmId>,
     /// The queue entries folded in, in id order. Settling the decision removes exactly these.
@@ -305,8 +305,11 @@ pub fn coalesce<'q>(entries: &[&'q QueueEntry]) -> Result<Coalesced<'q>, Coalesc
             (Net::Update(_), ChangeOp::Delete(why)) => Net::Delete(*why),
         };
         acc.stamp = change.stamp();
-        if let Some(id) = change.record().and_then(|r| r.crm_id) {
-            acc.crm_id = Some(id);
+        // The first id is the create's idempotency key: a later change of the same item may
+        // carry another freshly chosen one, and using it after a create under the first had
+        // reached the server would make a second record.
+        if acc.crm_id.is_none() {
+            acc.crm_id = change.record().and_then(|r| r.crm_id);
         }
         prev = entry;
     }

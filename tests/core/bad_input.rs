@@ -333,9 +333,12 @@ fn plan_rejects_a_merge_past_the_field_limit() {
 fn an_item_keeps_the_first_id_chosen_for_it_when_a_later_change_carries_another() {
     // A create under id 100 may have reached the server before a crash; the item's next change
     // was queued with a freshly chosen id 200. Creating under 200 would make a second record.
-    let world = World::new()
-        .outlook("E0", Contact, 1, ChangeOp::Create(orec(100, &[("a", "1")])))
-        .outlook("E0", Contact, 2, ChangeOp::Update(orec(200, &[("a", "2")])));
+    let world = World::new().outlook("E0", Contact, 1, ChangeOp::Create(orec(100, &[("a", "1")]))).outlook(
+        "E0",
+        Contact,
+        2,
+        ChangeOp::Update(orec(200, &[("a", "2")])),
+    );
     let plan = world.plan().unwrap();
     assert!(matches!(&plan.actions[0].op, ActionOp::CreateInCrm { crm_id, .. } if *crm_id == id(100)));
 }

@@ -411,14 +411,12 @@ fn write_mapping_row(
         conn.prepare_cached("DELETE FROM IdMappingTable WHERE CrmId = ?1")?.execute([crm_id.to_string()])?;
         return Ok(());
     };
-    // A re-pointed pair may take an EntryId or GOID another row held a moment ago in this step:
-    // clear those first, as the pure mapping did.
-    conn.prepare_cached("DELETE FROM IdMappingTable WHERE CrmId <> ?1 AND (EntryId = ?2 OR Goid = ?3)")?
-        .execute(params![crm_id.to_string(), m.entry_id.as_str(), m.goid.as_ref().map(|g| g.to_hex())])?;
+    // OR REPLACE: the row replaces its earlier version and any row that held its EntryId or
+    // GOID a moment ago (a re-pointed pair), as the pure mapping's link did, in one statement.
     conn.prepare_cached(
-        "INSERT INTO IdMappingTable (CrmId, EntryId, ObjectTypeCode, Base, Goid, Role, Status, CrmVersion) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (CrmId) DO UPDATE SET EntryId = ?2, \
-         ObjectTypeCode = ?3, Base = ?4, Goid = ?5, Role = ?6, Status = ?7, CrmVersion = ?8",
+        "INSERT OR REPLACE INTO IdMappingTable \
+         (CrmId, EntryId, ObjectTypeCode, Base, Goid, Role, Status, CrmVersion) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?
     .execute(params![
         crm_id.to_string(),

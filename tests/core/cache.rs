@@ -250,3 +250,45 @@ fn foreign_corrupt_and_newer_files_are_refused_and_left_untouched() {
     assert!(!missing.exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn re_pointed_pairs_are_mirrored_as_the_pure_mapping_has_them() {
+    let mut cache = SyncCache::in_memory().unwrap();
+    let mut state = SyncState::default();
+    let policies = Policies::default();
+    let run = |cache: &mut SyncCache, state: SyncState, created: &[&str]| {
+        let plan = plan(&state.queue, &state.mapping, &policies).unwrap();
+        let mut made = created.iter();
+        let mut state = state;
+        for action in &plan.actions {
+            let entry_id = match &action.op {
+                ActionOp::CreateInOutlook { .. } => made.next().map(|name| e(name)),
+                _ => None,
+            };
+            state = settle(state, action, Outcome::Applied(Applied { entry_id, crm_version: None }));
+            cache.record_settled(&state, action).unwrap();
+        }
+        state
+    };
+    // Two pairs: 1 <-> E1, 2 <-> E2.
+    let creates = [
+        Change::crm(id(1), Contact, VersionNumber(11), ChangeOp::Create(rec(&[("fullname", "A")]))).unwrap(),
+        Change::crm(id(2), Contact, VersionNumber(12), ChangeOp::Create(rec(&[("fullname", "B")]))).unwrap(),
+    ];
+    cache.enqueue(&mut state, &creates).unwrap();
+    state = run(&mut cache, state, &["E1", "E2"]);
+    // 1 deleted in CRM while edited in Outlook: re-created under a new id, E1 re-pointed.
+    // 2 edited in CRM while deleted in Outlook: re-created in Outlook as E3, 2 re-pointed.
+    let edits = [
+        Change::crm(id(1), Contact, VersionNumber(13), ChangeOp::Delete(DeleteReason::Deleted)).unwrap(),
+        Change::outlook(e("E1"), Contact, at(1), ChangeOp::Update(rec(&[("fullname", "A2")]))).unwrap(),
+        Change::crm(id(2), Contact, VersionNumber(14), ChangeOp::Update(rec(&[("fullname", "B2")]))).unwrap(),
+        Change::outlook(e("E2"), Contact, at(2), ChangeOp::Delete(DeleteReason::Deleted)).unwrap(),
+    ];
+    cache.enqueue(&mut state, &edits).unwrap();
+    state = run(&mut cache, state, &["E3"]);
+    assert_eq!(state.mapping.get(id(1).successor()).unwrap().entry_id, e("E1"));
+    assert_eq!(state.mapping.get(id(2)).unwrap().entry_id, e("E3"));
+    assert_eq!(state.mapping.len(), 2);
+    assert_eq!(canonical(&cache.load().unwrap()), canonical(&state));
+}

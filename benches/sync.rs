@@ -81,7 +81,7 @@ fn engine_run(pristine: &Path, work: &Path, commit_every: usize) -> Duration {
         ids: &mut SeededIds::new(1),
         observer: &mut NoObserver,
     };
-    let report = run_sync(edges, subscription, user, &config).expect("run");
+    let report = run_sync(edges, subscription, &config).expect("run");
     let took = t.elapsed();
     let created: u32 = report.by_entity.values().map(|c| c.created).sum();
     assert_eq!(u64::from(created), changes(), "every queued change applied");

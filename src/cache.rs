@@ -326,6 +326,16 @@ impl SyncCache {
         Ok(())
     }
 
+    /// What a crash does to the open group: it is lost, as if the process died before
+    /// [`SyncCache::commit`]. Everything committed stays. (The simulator's "process killed".)
+    pub fn abandon_group(&mut self) -> Result<(), CacheError> {
+        if self.in_group {
+            self.in_group = false;
+            self.conn.execute_batch("ROLLBACK")?;
+        }
+        Ok(())
+    }
+
     /// Runs one durable step: in its own transaction, or inside the open group.
     fn step<T>(&mut self, write: impl FnOnce(&Connection) -> Result<T, CacheError>) -> Result<T, CacheError> {
         if self.in_group {

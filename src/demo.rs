@@ -221,7 +221,7 @@ pub fn run_demo(config: &DemoConfig, observer: &mut dyn StepObserver) -> Result<
             let engine =
                 EngineConfig { commit_every: 50, ignore_all_errors: ignore, ..EngineConfig::default() };
             let edges = Edges { server, mailbox, cache, ids: &mut ids, observer: &mut *observer };
-            let report = run_sync(edges, subscription, alice, &engine)?;
+            let report = run_sync(edges, subscription, &engine)?;
             runs.push(DemoRun { name, report });
             Ok::<(), DemoError>(())
         };

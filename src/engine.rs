@@ -35,7 +35,7 @@ use crate::ids::{CrmId, EntryId};
 use crate::mailbox::{Mailbox, MailboxChange, MailboxCursor, MailboxError, NewItem, Tracking};
 use crate::plan::{Action, ActionOp, LinkChange, PendingLink, PlanError, plan};
 use crate::policy::Policies;
-use crate::server::{CrmService, ServerError, SubscriptionId, SystemUserId};
+use crate::server::{CrmService, ServerError, SubscriptionId};
 use crate::settle::{Applied, ItemError, ItemErrorKind, Outcome, settle};
 
 /// The cache metadata key of the mailbox cursor.
@@ -54,10 +54,16 @@ pub enum DurableStep {
     CommitGroup,
 }
 
-/// Told before every durable step; a test or the simulator stops the run there (a fail point).
+/// What an observer answers when it wants the run to stop right after a durable step: the
+/// simulator's "process killed here" (the run returns [`EngineError::Interrupted`], and whatever
+/// the cache holds uncommitted is for the caller to drop, as a crash would).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Interrupt;
+
+/// Told after every durable step; a test or the simulator stops the run there (a fail point).
 pub trait StepObserver {
-    /// Called just after `step` became durable.
-    fn after(&mut self, step: DurableStep);
+    /// Called just after `step` became durable. `Err(Interrupt)` stops the run at once.
+    fn after(&mut self, step: DurableStep) -> Result<(), Interrupt>;
 }
 
 /// Observes nothing.
@@ -65,7 +71,9 @@ pub trait StepObserver {
 pub struct NoObserver;
 
 impl StepObserver for NoObserver {
-    fn after(&mut self, _: DurableStep) {}
+    fn after(&mut self, _: DurableStep) -> Result<(), Interrupt> {
+        Ok(())
+    }
 }
 
 /// The environment variable that makes [`PauseAtStep`] stop a run.
@@ -89,8 +97,8 @@ impl<'a> PauseAtStep<'a> {
 }
 
 impl StepObserver for PauseAtStep<'_> {
-    fn after(&mut self, step: DurableStep) {
-        self.inner.after(step);
+    fn after(&mut self, step: DurableStep) -> Result<(), Interrupt> {
+        self.inner.after(step)?;
         self.seen += 1;
         if self.at == Some(self.seen) {
             use std::io::Write;
@@ -101,6 +109,7 @@ impl StepObserver for PauseAtStep<'_> {
                 std::thread::sleep(std::time::Duration::from_secs(3600));
             }
         }
+        Ok(())
     }
 }
 
@@ -109,8 +118,9 @@ impl StepObserver for PauseAtStep<'_> {
 pub struct StepCounter(pub u64);
 
 impl StepObserver for StepCounter {
-    fn after(&mut self, _: DurableStep) {
+    fn after(&mut self, _: DurableStep) -> Result<(), Interrupt> {
         self.0 += 1;
+        Ok(())
     }
 }
 
@@ -199,6 +209,9 @@ pub enum EngineError {
     Plan(#[from] PlanError),
     #[error("the cache's mailbox cursor {0:?} is not a number")]
     BadCursor(String),
+    /// The observer stopped the run after this step (a simulated crash).
+    #[error("interrupted after durable step {0:?}")]
+    Interrupted(DurableStep),
 }
 
 /// The edges one run works through.
@@ -210,14 +223,33 @@ pub struct Edges<'a, S: CrmService, M: Mailbox> {
     pub observer: &'a mut dyn StepObserver,
 }
 
-/// Runs one sync of `subscription` (the user's) on this machine.
+/// Runs one sync of `subscription` (one user on this machine).
 pub fn run_sync<S: CrmService, M: Mailbox>(
     edges: Edges<'_, S, M>,
     subscription: SubscriptionId,
-    user: SystemUserId,
     config: &EngineConfig,
 ) -> Result<RunReport, EngineError> {
     let Edges { server, mailbox, cache, ids, observer } = edges;
+    let result = run(server, mailbox, &mut *cache, ids, observer, subscription, config);
+    if result.is_err() {
+        // A run that stops loses its open group, as a crash would: every outcome in it is
+        // applied again next time and finds its earlier effect. Committing it instead could
+        // record a write the mailbox has not made durable.
+        let _ = cache.abandon_group();
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run<S: CrmService, M: Mailbox>(
+    server: &mut S,
+    mailbox: &mut M,
+    cache: &mut SyncCache,
+    ids: &mut dyn IdSource,
+    observer: &mut dyn StepObserver,
+    subscription: SubscriptionId,
+    config: &EngineConfig,
+) -> Result<RunReport, EngineError> {
     let mut report = RunReport { primary: server.is_primary_client(subscription)?, ..RunReport::default() };
     if !report.primary {
         // A secondary client reads and never writes.
@@ -232,10 +264,10 @@ pub fn run_sync<S: CrmService, M: Mailbox>(
         let page = server.get_sync_data(subscription, after, config.page_size)?;
         report.server_changes += page.changes.len();
         cache.enqueue(&mut state, &page.changes)?;
-        observer.after(DurableStep::QueueServerPage);
+        durable(observer, DurableStep::QueueServerPage)?;
         if let Some(last) = page.last_seq {
             server.acknowledge(subscription, last)?;
-            observer.after(DurableStep::AcknowledgeServerPage);
+            durable(observer, DurableStep::AcknowledgeServerPage)?;
         }
         after = page.last_seq.or(after);
         if !page.more {
@@ -256,7 +288,7 @@ pub fn run_sync<S: CrmService, M: Mailbox>(
         cache.enqueue(&mut state, &changes)?;
         cache.set_meta(MAILBOX_CURSOR_KEY, &page.cursor.0.to_string())?;
         cache.commit()?;
-        observer.after(DurableStep::QueueMailboxPage);
+        durable(observer, DurableStep::QueueMailboxPage)?;
         cursor = page.cursor;
         if !page.more {
             break;
@@ -267,8 +299,8 @@ pub fn run_sync<S: CrmService, M: Mailbox>(
     let plan = plan(&state.queue, &state.mapping, &config.policies)?;
     let mut in_group = 0;
     for action in &plan.actions {
-        let outcome = apply(action, server, mailbox, user, config)?;
-        observer.after(DurableStep::ApplyAction);
+        let outcome = apply(action, server, mailbox, subscription, config)?;
+        durable(observer, DurableStep::ApplyAction)?;
         count(&mut report, action, &outcome);
         state = settle(state, action, outcome);
         if in_group == 0 && config.commit_every > 1 {
@@ -276,27 +308,32 @@ pub fn run_sync<S: CrmService, M: Mailbox>(
         }
         if config.commit_every <= 1 {
             mailbox.flush()?;
-            observer.after(DurableStep::FlushMailbox);
+            durable(observer, DurableStep::FlushMailbox)?;
         }
         cache.record_settled(&state, action)?;
-        observer.after(DurableStep::SettleAction);
+        durable(observer, DurableStep::SettleAction)?;
         in_group += 1;
         if in_group >= config.commit_every.max(1) {
             // The mailbox's writes become durable before the cache records their outcomes.
             mailbox.flush()?;
-            observer.after(DurableStep::FlushMailbox);
+            durable(observer, DurableStep::FlushMailbox)?;
             cache.commit()?;
-            observer.after(DurableStep::CommitGroup);
+            durable(observer, DurableStep::CommitGroup)?;
             in_group = 0;
         }
     }
     if in_group > 0 {
         mailbox.flush()?;
-        observer.after(DurableStep::FlushMailbox);
+        durable(observer, DurableStep::FlushMailbox)?;
         cache.commit()?;
-        observer.after(DurableStep::CommitGroup);
+        durable(observer, DurableStep::CommitGroup)?;
     }
     Ok(report)
+}
+
+/// Tells the observer that `step` is durable; it may stop the run there.
+fn durable(observer: &mut dyn StepObserver, step: DurableStep) -> Result<(), EngineError> {
+    observer.after(step).map_err(|Interrupt| EngineError::Interrupted(step))
 }
 
 /// The change a mailbox change stands for. An item the user just tracked is created in CRM
@@ -329,7 +366,7 @@ fn apply<S: CrmService, M: Mailbox>(
     action: &Action,
     server: &mut S,
     mailbox: &mut M,
-    user: SystemUserId,
+    subscription: SubscriptionId,
     config: &EngineConfig,
 ) -> Result<Outcome, EngineError> {
     let failed = |error: ItemError| {
@@ -352,10 +389,12 @@ fn apply<S: CrmService, M: Mailbox>(
                 status: link.map_or(crate::change::ActivityStatus::Open, |l| l.status),
                 crm_id: None,
             };
-            server_write(server.create_record(user, *crm_id, action.object_type, &record)).and_then(|v| {
-                restamp(mailbox, entry_id, *crm_id)?;
-                Ok(Applied { entry_id: None, crm_version: Some(v) })
-            })
+            server_write(server.create_record(subscription, *crm_id, action.object_type, &record)).and_then(
+                |v| {
+                    restamp(mailbox, entry_id, *crm_id)?;
+                    Ok(Applied { entry_id: None, crm_version: Some(v) })
+                },
+            )
         }
         ActionOp::Update { crm_id, entry_id, to_crm, to_outlook } => {
             let version = if to_crm.is_empty() {
@@ -397,7 +436,10 @@ enum Failure {
 impl From<MailboxError> for Failure {
     fn from(error: MailboxError) -> Failure {
         match error {
-            MailboxError::NotFound(_) | MailboxError::StampTaken { .. } | MailboxError::Fields(_) => {
+            MailboxError::NotFound(_)
+            | MailboxError::Locked(_)
+            | MailboxError::StampTaken { .. }
+            | MailboxError::Fields(_) => {
                 Failure::Item(ItemError::new(ItemErrorKind::Rejected, error.to_string()))
             }
             other => Failure::Fatal(other.into()),
@@ -408,7 +450,10 @@ impl From<MailboxError> for Failure {
 impl From<ServerError> for Failure {
     fn from(error: ServerError) -> Failure {
         match error {
-            ServerError::Sqlite(_) | ServerError::Corrupt { .. } => Failure::Fatal(error.into()),
+            // A store or the network failing is not the item's fault: the run stops.
+            ServerError::Sqlite(_) | ServerError::Corrupt { .. } | ServerError::Unreachable(_) => {
+                Failure::Fatal(error.into())
+            }
             other => Failure::Item(ItemError::new(ItemErrorKind::Rejected, other.to_string())),
         }
     }

@@ -185,6 +185,9 @@ pub struct NewItem {
 pub enum MailboxError {
     #[error("no item {0} in this mailbox")]
     NotFound(EntryId),
+    /// The item is open or locked by another program: an item-level failure, retried later.
+    #[error("item {0} is locked")]
+    Locked(EntryId),
     #[error("EntryId prefix {0:?} is not 1 to {ENTRY_ID_PREFIX_LEN_MAX} upper-case hex digits")]
     BadPrefix(String),
     #[error("a {0} item carries no GlobalObjectId (only calendar items do)")]

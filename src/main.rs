@@ -35,7 +35,8 @@ use crmsync::cache::{CacheError, CacheOpenError, SyncCache};
 use crmsync::clock::SystemClock;
 use crmsync::demo::{DemoConfig, DemoError, SUBSCRIPTION_KEY, USER_KEY, run_demo};
 use crmsync::engine::{
-    DurableStep, Edges, EngineConfig, EngineError, IdSource, PauseAtStep, RunReport, StepObserver, run_sync,
+    DurableStep, Edges, EngineConfig, EngineError, IdSource, Interrupt, PauseAtStep, RunReport, StepObserver,
+    run_sync,
 };
 use crmsync::ids::CrmId;
 use crmsync::mailbox_file::{MailboxOpenError, SqliteMailbox};
@@ -293,9 +294,10 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
 struct Progress(indicatif::ProgressBar);
 
 impl StepObserver for Progress {
-    fn after(&mut self, step: DurableStep) {
+    fn after(&mut self, step: DurableStep) -> Result<(), Interrupt> {
         self.0.set_message(format!("{step:?}"));
         self.0.inc(1);
+        Ok(())
     }
 }
 
@@ -432,7 +434,7 @@ fn sync(
         ids: &mut ids,
         observer: &mut observer,
     };
-    let result = run_sync(edges, subscription, user, config);
+    let result = run_sync(edges, subscription, config);
     bar.finish_and_clear();
     drop((server_db, mailbox_db, cache_db));
     let report = result.map_err(|e| engine_failure(&e, subscription))?;

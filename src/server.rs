@@ -187,6 +187,14 @@ pub enum ServerError {
     Summary(#[from] SummaryError),
     #[error(transparent)]
     Change(#[from] ChangeError),
+    /// The service could not be reached, or its answer was lost on the way back (the call may
+    /// or may not have taken effect). A network fault: the run stops and the next one retries.
+    #[error("the CRM service could not be reached or its answer was lost: {0}")]
+    Unreachable(String),
+    /// The service refused this record's write (a validation rule, a plug-in, a lock): an
+    /// item-level failure, retried by the next run.
+    #[error("the CRM service rejected the write of record {crm_id}: {reason}")]
+    Rejected { crm_id: CrmId, reason: String },
 }
 
 /// A page of *get sync data*.
@@ -230,11 +238,13 @@ pub trait CrmService {
     ) -> Result<SyncPage, ServerError>;
     /// The client holds every change through `through` durably.
     fn acknowledge(&mut self, subscription: SubscriptionId, through: u64) -> Result<(), ServerError>;
-    /// Creates a record with the client-chosen id, owned by `user`. A retry with the same values
-    /// is a success (returns the record's version); other values are a `CreateConflict`.
+    /// Creates a record with the client-chosen id, owned by the subscription's user, and notes
+    /// that this subscription's client holds it. A retry with the same values is a success
+    /// (returns the record's version); a retry with other values updates the record if no one
+    /// changed it since this client's create, else it is a `CreateConflict`.
     fn create_record(
         &mut self,
-        user: SystemUserId,
+        subscription: SubscriptionId,
         crm_id: CrmId,
         object_type: ObjectTypeCode,
         record: &Record,
@@ -533,6 +543,33 @@ impl ServerStore {
             status,
             attendees,
         }))
+    }
+
+    /// The ids of every live record, in order (checks, the simulator: one query).
+    pub fn record_ids(&self) -> Result<std::collections::BTreeSet<CrmId>, ServerError> {
+        let mut stmt = self.conn.prepare_cached("SELECT ObjectId FROM Record")?;
+        let ids: Vec<String> = stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        ids.iter().map(|id| parse_crm_id("Record", id)).collect()
+    }
+
+    /// The live records in `user`'s sync filter (owned, or appointments attended), in `CrmId`
+    /// order: what a converged client of that user holds (checks, the simulator).
+    pub fn records_in_filter(&self, user: SystemUserId) -> Result<Vec<ServerRecord>, ServerError> {
+        let ids: Vec<String> = {
+            let mut stmt = self.conn.prepare_cached(&format!(
+                "SELECT r.ObjectId FROM Record r WHERE r.OwnerId = ?1 OR (r.ObjectTypeCode IN ({CALENDAR_CODES}) \
+                 AND EXISTS (SELECT 1 FROM Attendee a WHERE a.ObjectId = r.ObjectId AND a.SystemUserId = ?1)) \
+                 ORDER BY r.ObjectId"
+            ))?;
+            stmt.query_map([user.to_string()], |r| r.get(0))?.collect::<Result<_, _>>()?
+        };
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(record) = self.record(parse_crm_id("Record", &id)?)? {
+                out.push(record);
+            }
+        }
+        Ok(out)
     }
 
     /// Every record, in `CrmId` order (checks and reports).
@@ -992,31 +1029,63 @@ impl CrmService for ServerStore {
 
     fn create_record(
         &mut self,
-        user: SystemUserId,
+        subscription: SubscriptionId,
         crm_id: CrmId,
         object_type: ObjectTypeCode,
         record: &Record,
     ) -> Result<VersionNumber, ServerError> {
+        let (user, _, table, _) = self.subscription(subscription)?;
         if self.is_tombstoned(crm_id)? {
             return Err(ServerError::RecordDeleted(crm_id));
         }
-        if let Some(existing) = self.record(crm_id)? {
-            let same = existing.object_type == object_type
-                && existing.fields == record.fields
-                && existing.goid == record.goid;
-            return if same { Ok(existing.version) } else { Err(ServerError::CreateConflict { crm_id }) };
-        }
-        let new = ServerRecord {
-            crm_id,
-            object_type,
-            owner: user,
-            version: VersionNumber(0),
-            fields: record.fields.clone(),
-            goid: record.goid.clone(),
-            status: record.status,
-            attendees: Vec::new(),
+        let tx = self.conn.unchecked_transaction()?;
+        let version = match self.record(crm_id)? {
+            Some(existing) => {
+                let same_record = existing.object_type == object_type && existing.goid == record.goid;
+                let held: Option<i64> = self
+                    .conn
+                    .query_row(
+                        &format!("SELECT VersionNumber FROM {table} WHERE ObjectId = ?1"),
+                        [crm_id.to_string()],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                // Untouched since this client's own create: a retry carrying the item's newer
+                // values (the user edited it while the answer was lost) is that client's update.
+                let untouched = held == Some(existing.version.0 as i64);
+                if same_record && existing.fields == record.fields {
+                    existing.version
+                } else if same_record && untouched {
+                    self.write(&ServerRecord { fields: record.fields.clone(), ..existing })?
+                } else {
+                    return Err(ServerError::CreateConflict { crm_id });
+                }
+            }
+            None => {
+                self.check_user(user)?;
+                self.write(&ServerRecord {
+                    crm_id,
+                    object_type,
+                    owner: user,
+                    version: VersionNumber(0),
+                    fields: record.fields.clone(),
+                    goid: record.goid.clone(),
+                    status: record.status,
+                    attendees: Vec::new(),
+                })?
+            }
         };
-        self.put_record(&new)
+        // The creating client holds the record: without this row, a delete before its next
+        // prepare would never be handed out to it.
+        self.conn.execute(
+            &format!(
+                "INSERT INTO {table} VALUES (?1, ?2, ?3, 0) ON CONFLICT (ObjectId) DO UPDATE SET \
+                 VersionNumber = ?3, State = 0"
+            ),
+            params![crm_id.to_string(), object_type.code(), version.0 as i64],
+        )?;
+        tx.commit()?;
+        Ok(version)
     }
 
     fn update_record(&mut self, crm_id: CrmId, patch: &FieldPatch) -> Result<VersionNumber, ServerError> {

@@ -70,7 +70,7 @@ fn build_world(dir: &Path) {
         ids: &mut SeededIds::new(1),
         observer: &mut NoObserver,
     };
-    run_sync(edges, subscription, user(0), &EngineConfig::default()).unwrap();
+    run_sync(edges, subscription, &EngineConfig::default()).unwrap();
 
     // Pending: 150 new records, 30 updates, 5 deletes in CRM; 20 new tracked items, 10 edits
     // (5 of them on records also edited in CRM: conflicts) and 3 deletes in Outlook.
@@ -223,7 +223,7 @@ fn a_sync_killed_at_any_durable_step_and_run_again_ends_as_an_uninterrupted_one(
             observer: &mut kinds,
         };
         let config = EngineConfig { commit_every: 5, ..EngineConfig::default() };
-        let report = run_sync(edges, subscription, user(0), &config).unwrap();
+        let report = run_sync(edges, subscription, &config).unwrap();
         assert!(
             report.server_changes + report.mailbox_changes >= 200,
             "a sync of a few hundred changes: {report:?}"
@@ -271,7 +271,8 @@ fn a_sync_killed_at_any_durable_step_and_run_again_ends_as_an_uninterrupted_one(
 struct Recorder(Vec<DurableStep>);
 
 impl StepObserver for Recorder {
-    fn after(&mut self, step: DurableStep) {
+    fn after(&mut self, step: DurableStep) -> Result<(), Interrupt> {
         self.0.push(step);
+        Ok(())
     }
 }

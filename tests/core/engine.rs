@@ -52,7 +52,7 @@ impl World {
         }
     }
 
-    fn sync(&mut self, m: &mut Machine, who: u8, config: &EngineConfig) -> RunReport {
+    fn sync(&mut self, m: &mut Machine, config: &EngineConfig) -> RunReport {
         let edges = Edges {
             server: &mut self.server,
             mailbox: &mut m.mailbox,
@@ -60,7 +60,7 @@ impl World {
             ids: &mut m.ids,
             observer: &mut NoObserver,
         };
-        run_sync(edges, m.subscription, user(who), config).unwrap()
+        run_sync(edges, m.subscription, config).unwrap()
     }
 
     fn put(&mut self, crm: u128, owner: u8, otc: ObjectTypeCode, fields: &[(&str, &str)], attendees: &[u8]) {
@@ -109,7 +109,7 @@ fn a_first_sync_brings_both_sides_together_and_a_second_writes_nothing() {
     laptop.mailbox.user_track(&bob).unwrap();
     laptop.mailbox.user_create(Contact, f(&[("fullname", "Private")]), None, ActivityStatus::Open).unwrap();
 
-    let first = world.sync(&mut laptop, 0, &EngineConfig::default());
+    let first = world.sync(&mut laptop, &EngineConfig::default());
     assert!(first.primary);
     assert_eq!(first.server_changes, 3);
     assert_eq!(first.mailbox_changes, 1);
@@ -119,12 +119,12 @@ fn a_first_sync_brings_both_sides_together_and_a_second_writes_nothing() {
     assert_converged(&world, &laptop);
 
     let mapping = laptop.cache.load().unwrap().mapping;
-    let second = world.sync(&mut laptop, 0, &EngineConfig::default());
+    let second = world.sync(&mut laptop, &EngineConfig::default());
     // Bob's record came back as the server's view of a create made by this client: no write.
     let writes: u32 = second.by_entity.values().map(|c| c.created + c.updated + c.deleted + c.failed).sum();
     assert_eq!(writes, 0, "{second:?}");
     assert_eq!(laptop.cache.load().unwrap().mapping, mapping);
-    let third = world.sync(&mut laptop, 0, &EngineConfig::default());
+    let third = world.sync(&mut laptop, &EngineConfig::default());
     assert_eq!((third.server_changes, third.mailbox_changes), (0, 0), "echo-free: {third:?}");
 }
 
@@ -135,7 +135,7 @@ fn edits_on_both_sides_converge_with_crm_winning_a_conflict() {
     world.put(1, 0, Contact, &[("fullname", "Alice"), ("jobtitle", "Dev"), ("telephone1", "100")], &[]);
     world.put(2, 0, Task, &[("subject", "Call back")], &[]);
     let config = EngineConfig { commit_every: 3, ..EngineConfig::default() };
-    world.sync(&mut laptop, 0, &config);
+    world.sync(&mut laptop, &config);
     let alice = laptop.mailbox.find_by_stamp(id(1)).unwrap().unwrap();
     let task = laptop.mailbox.find_by_stamp(id(2)).unwrap().unwrap();
 
@@ -145,7 +145,7 @@ fn edits_on_both_sides_converge_with_crm_winning_a_conflict() {
         .user_update(&alice, f(&[("fullname", "Alicia"), ("jobtitle", "Dev"), ("telephone1", "300")]))
         .unwrap();
     laptop.mailbox.user_delete(&task).unwrap();
-    let report = world.sync(&mut laptop, 0, &config);
+    let report = world.sync(&mut laptop, &config);
     assert_eq!(report.by_entity[&Contact].merged_conflicts, 1);
     let merged = f(&[("fullname", "Alicia"), ("jobtitle", "Lead"), ("telephone1", "200")]);
     assert_eq!(laptop.mailbox.get(&alice).unwrap().unwrap().fields, merged);
@@ -164,12 +164,12 @@ fn a_secondary_machine_never_writes() {
     let tracked =
         desktop.mailbox.user_create(Contact, f(&[("fullname", "Desk")]), None, ActivityStatus::Open).unwrap();
     desktop.mailbox.user_track(&tracked).unwrap();
-    let report = world.sync(&mut desktop, 0, &EngineConfig::default());
+    let report = world.sync(&mut desktop, &EngineConfig::default());
     assert!(!report.primary);
     assert_eq!(desktop.mailbox.all_items().unwrap().len(), 1);
     assert!(desktop.cache.load().unwrap().queue.is_empty());
     // The primary machine still gets everything.
-    world.sync(&mut laptop, 0, &EngineConfig::default());
+    world.sync(&mut laptop, &EngineConfig::default());
     assert_eq!(laptop.mailbox.all_items().unwrap().len(), 1);
 }
 
@@ -179,13 +179,13 @@ fn a_failure_stays_queued_unless_errors_are_ignored() {
     let mut laptop = world.machine(0, "LAPTOP", "AA");
     world.put(1, 0, Email, &[("subject", "tracked, not synchronised")], &[]);
     world.put(2, 0, Contact, &[("fullname", "Alice")], &[]);
-    let report = world.sync(&mut laptop, 0, &EngineConfig::default());
+    let report = world.sync(&mut laptop, &EngineConfig::default());
     assert_eq!(report.by_entity[&Email].failed, 1);
     let state = laptop.cache.load().unwrap();
     assert_eq!(state.queue.len(), 1);
     assert_eq!(state.queue.entries()[0].attempts, 1);
     let ignoring = EngineConfig { ignore_all_errors: true, ..EngineConfig::default() };
-    let report = world.sync(&mut laptop, 0, &ignoring);
+    let report = world.sync(&mut laptop, &ignoring);
     assert_eq!(report.by_entity[&Email].ignored, 1);
     let state = laptop.cache.load().unwrap();
     assert!(state.queue.is_empty());
@@ -199,7 +199,7 @@ fn unlinking_keeps_every_item_and_record() {
     let mut laptop = world.machine(0, "LAPTOP", "AA");
     world.put(1, 0, Appointment, &[("subject", "Review")], &[]);
     world.put(2, 0, Contact, &[("fullname", "Alice")], &[]);
-    world.sync(&mut laptop, 0, &EngineConfig::default());
+    world.sync(&mut laptop, &EngineConfig::default());
     let items = laptop.mailbox.all_items().unwrap();
     unlink(&mut world.server, &mut laptop.cache, laptop.subscription).unwrap();
     assert_eq!(laptop.mailbox.all_items().unwrap(), items, "every appointment stays in Outlook");
@@ -212,7 +212,7 @@ fn unlinking_keeps_every_item_and_record() {
 
     // Re-linking the machine relinks by the stamps: no second copy of anything.
     laptop.subscription = world.server.register_client(user(0), "LAPTOP", SubscriptionType::Outlook).unwrap();
-    world.sync(&mut laptop, 0, &EngineConfig::default());
+    world.sync(&mut laptop, &EngineConfig::default());
     assert_eq!(laptop.mailbox.all_items().unwrap().len(), 2);
     assert_converged(&world, &laptop);
 }

@@ -251,17 +251,26 @@ fn only_the_primary_client_is_handed_changes() {
 #[test]
 fn client_creates_are_idempotent_and_ids_are_never_reused() {
     let mut store = store();
+    let sub = store.register_client(user(0), "LAPTOP", SubscriptionType::Outlook).unwrap();
     let r = Record::new(f(&[("fullname", "Alice")]));
-    let v = store.create_record(user(0), id(9), Contact, &r).unwrap();
-    assert_eq!(store.create_record(user(0), id(9), Contact, &r).unwrap(), v);
+    let v = store.create_record(sub, id(9), Contact, &r).unwrap();
+    assert_eq!(store.create_record(sub, id(9), Contact, &r).unwrap(), v);
+    // A retry with newer values (the item was edited while the answer was lost), nobody else
+    // having touched the record: the creating client's update.
+    let newer = Record::new(f(&[("fullname", "Alice B")]));
+    let v2 = store.create_record(sub, id(9), Contact, &newer).unwrap();
+    assert!(v2 > v);
+    assert_eq!(store.record(id(9)).unwrap().unwrap().fields, newer.fields);
+    // Someone else changed it since: a retry with other values is a conflict.
+    store.update_record(id(9), &FieldPatch::between(&newer.fields, &f(&[("fullname", "Carol")]))).unwrap();
     let other = Record::new(f(&[("fullname", "Bob")]));
     assert!(
-        matches!(store.create_record(user(0), id(9), Contact, &other), Err(ServerError::CreateConflict { crm_id }) if crm_id == id(9))
+        matches!(store.create_record(sub, id(9), Contact, &other), Err(ServerError::CreateConflict { crm_id }) if crm_id == id(9))
     );
     let deleted = store.delete_record(id(9)).unwrap();
     assert_eq!(store.delete_record(id(9)).unwrap(), deleted);
     assert!(
-        matches!(store.create_record(user(0), id(9), Contact, &r), Err(ServerError::RecordDeleted(crm_id)) if crm_id == id(9))
+        matches!(store.create_record(sub, id(9), Contact, &r), Err(ServerError::RecordDeleted(crm_id)) if crm_id == id(9))
     );
     assert!(matches!(store.update_record(id(9), &FieldPatch::default()), Err(ServerError::RecordDeleted(_))));
     assert!(matches!(
@@ -354,4 +363,17 @@ fn prepare_sync_summary_of_a_first_sync() {
     let page = store.get_sync_data(sub, None, 10).unwrap();
     let roles: Vec<Role> = page.changes.iter().filter_map(|c| c.record()).map(|r| r.role).collect();
     assert_eq!(roles, [Role::Owner, Role::Owner, Role::Attendee]);
+}
+
+/// Found by the simulator (`crmsync-sim run --seed 1 --faults network-before-call`): a record a
+/// client created, deleted in CRM before that client's next prepare, must still reach the client
+/// as a delete; the server used to know only what it had handed out.
+#[test]
+fn a_delete_of_a_record_the_client_created_reaches_that_client() {
+    let mut store = store();
+    let sub = store.register_client(user(0), "LAPTOP", SubscriptionType::Outlook).unwrap();
+    store.create_record(sub, id(9), Contact, &Record::new(f(&[("fullname", "Alice")]))).unwrap();
+    store.delete_record(id(9)).unwrap();
+    let summary = store.prepare_sync(sub).unwrap();
+    assert_eq!(summary.counts(Contact).delete, 1, "{summary:?}");
 }

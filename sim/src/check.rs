@@ -1,0 +1,267 @@
+//! The checkers: safety after every sync run, convergence after the liveness phase (DOMAIN
+//! section 6). Each check reads the world through the same public edges a support engineer has
+//! (the server's records, the mailbox's items, the cache file) and the reference model; none
+//! asks the engine what it meant to do.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crmsync::ids::{CrmId, EntryId};
+use crmsync::mailbox::{Mailbox, MailboxItem, Tracking};
+use crmsync::server::CrmService;
+use crmsync::settle::SyncState;
+use crmsync::{ChangeOp, RecordKey};
+
+use crate::world::World;
+
+/// A broken invariant: which event, and what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    pub at: u64,
+    pub what: String,
+}
+
+impl std::fmt::Display for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "event {}: {}", self.at, self.what)
+    }
+}
+
+fn fail<T>(w: &World, what: String) -> Result<T, Violation> {
+    Err(w.violation(what))
+}
+
+fn load(w: &World, m: usize) -> Result<SyncState, Violation> {
+    let state = match w.cache(m).load() {
+        Ok(state) => state,
+        Err(e) => return fail(w, format!("the cache of machine {m} does not load: {e}")),
+    };
+    if let Err(e) = state.mapping.check_invariants() {
+        return fail(w, format!("the mapping of machine {m} is not a bijection: {e}"));
+    }
+    Ok(state)
+}
+
+fn items(w: &World, u: usize) -> Result<Vec<MailboxItem>, Violation> {
+    w.mailbox(u).all_items().map_err(|e| w.violation(format!("mailbox of user {u}: {e}")))
+}
+
+/// Safety after a run of machine `m`: no duplicates, the mapping a bijection of real links,
+/// nothing the model protects lost.
+pub fn after_run(w: &World, m: usize) -> Result<(), Violation> {
+    let u = w.machine_user(m);
+    let items = items(w, u)?;
+    // No two items carry one stamp; no two linked items share a GOID (a duplicate meeting).
+    let mut stamps = BTreeMap::new();
+    let mut goids = BTreeMap::new();
+    for item in &items {
+        if let Some(stamp) = item.stamp() {
+            if let Some(other) = stamps.insert(stamp, &item.entry_id) {
+                return fail(
+                    w,
+                    format!("user {u}: items {other} and {} both stamped {stamp}", item.entry_id),
+                );
+            }
+            if let Some(goid) = &item.goid {
+                if let Some(other) = goids.insert(goid.clone(), &item.entry_id) {
+                    return fail(
+                        w,
+                        format!("user {u}: linked items {other} and {} share a GOID", item.entry_id),
+                    );
+                }
+            }
+        }
+    }
+    // No two records in the user's filter share a GOID (a duplicate meeting in CRM).
+    let records =
+        w.server().records_in_filter(w.user_id(u)).map_err(|e| w.violation(format!("server: {e}")))?;
+    let mut goids = BTreeMap::new();
+    for r in &records {
+        if let Some(goid) = &r.goid {
+            if let Some(other) = goids.insert(goid.clone(), r.crm_id) {
+                return fail(w, format!("records {other} and {} share a GOID", r.crm_id));
+            }
+        }
+    }
+    // Nothing protected is lost: its record is in CRM, and its items are in their mailboxes.
+    let live = w.server().record_ids().map_err(|e| w.violation(format!("server: {e}")))?;
+    let model = w.model();
+    for (h, info) in model.handles.iter().enumerate() {
+        if info.unprotected {
+            continue;
+        }
+        if let Some(c) = info.crm_id {
+            if !live.contains(&c) {
+                return fail(w, format!("record {c} (handle {h}) was lost: no one deleted it"));
+            }
+        }
+    }
+    let present: BTreeSet<&EntryId> = items.iter().map(|i| &i.entry_id).collect();
+    for (e, h) in model.items_of(u) {
+        if !model.handles[h].unprotected && !present.contains(e) {
+            return fail(w, format!("user {u}: item {e} (handle {h}) was lost: no one deleted it"));
+        }
+    }
+    // The primary's mapping links items that carry the mapped stamp.
+    let primary = w.server().is_primary_client(w.subscription(m)).unwrap_or(false);
+    let state = load(w, m)?;
+    if primary {
+        let by_entry: BTreeMap<&EntryId, &MailboxItem> = items.iter().map(|i| (&i.entry_id, i)).collect();
+        for entry in state.mapping.entries() {
+            if let Some(item) = by_entry.get(&entry.entry_id) {
+                if item.stamp() != Some(entry.crm_id) {
+                    return fail(
+                        w,
+                        format!(
+                            "machine {m}: maps {} to {}, which is stamped {:?}",
+                            entry.crm_id,
+                            entry.entry_id,
+                            item.stamp()
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The records and items an ignored error of any of `u`'s machines names: left out of
+/// convergence by DOMAIN's "ignored errors aside".
+fn ignored(w: &World, u: usize) -> Result<(BTreeSet<CrmId>, BTreeSet<EntryId>), Violation> {
+    let mut ids = BTreeSet::new();
+    let mut entries = BTreeSet::new();
+    for &m in w.machines_of(u) {
+        for ignored in load(w, m)?.ignored {
+            match ignored.entry.change.key() {
+                RecordKey::Crm(c) => {
+                    ids.insert(*c);
+                }
+                RecordKey::Outlook(e) => {
+                    entries.insert(e.clone());
+                }
+            }
+            if let ChangeOp::Create(r) | ChangeOp::Update(r) = ignored.entry.change.op() {
+                ids.extend(r.crm_id);
+            }
+        }
+    }
+    Ok((ids, entries))
+}
+
+/// Convergence (DOMAIN 6.1 and 6.3): every user's primary holds exactly its filtered records,
+/// linked, equal field by field, with the values the reference model says; queue empty.
+pub fn converged(w: &World) -> Result<(), Violation> {
+    let policy = w.policies().field_conflict;
+    let model = w.model();
+    let live = w.server().record_ids().map_err(|e| w.violation(format!("server: {e}")))?;
+    let mut all_ignored = BTreeSet::new();
+    for u in 0..w.user_count() {
+        let m = w.primary(u)?;
+        let state = load(w, m)?;
+        if let Some(entry) = state.queue.entries().first() {
+            return fail(
+                w,
+                format!("user {u}: the queue of machine {m} still holds {:?}", entry.change.key()),
+            );
+        }
+        let (ignored_ids, ignored_entries) = ignored(w, u)?;
+        all_ignored.extend(ignored_ids.iter().copied());
+        let items = items(w, u)?;
+        let by_stamp: BTreeMap<CrmId, &MailboxItem> =
+            items.iter().filter_map(|i| i.stamp().map(|s| (s, i))).collect();
+        let records =
+            w.server().records_in_filter(w.user_id(u)).map_err(|e| w.violation(format!("server: {e}")))?;
+        let in_filter: BTreeSet<CrmId> = records.iter().map(|r| r.crm_id).collect();
+        for r in &records {
+            let h = model.handle_of_crm_id(r.crm_id);
+            let exempt = ignored_ids.contains(&r.crm_id)
+                || h.is_some_and(|h| model.handles[h].deleted_in_outlook_by.contains(&u));
+            if exempt {
+                continue;
+            }
+            let Some(entry) = state.mapping.get(r.crm_id) else {
+                return fail(w, format!("user {u}: record {} is in the filter and not linked", r.crm_id));
+            };
+            let Some(item) = by_stamp.get(&r.crm_id) else {
+                return fail(w, format!("user {u}: record {} has no item stamped with it", r.crm_id));
+            };
+            if item.entry_id != entry.entry_id {
+                return fail(
+                    w,
+                    format!(
+                        "user {u}: record {} maps to {} but {} carries it",
+                        r.crm_id, entry.entry_id, item.entry_id
+                    ),
+                );
+            }
+            if item.fields != r.fields {
+                return fail(
+                    w,
+                    format!(
+                        "user {u}: record {} differs: CRM {:?}, Outlook {:?}",
+                        r.crm_id, r.fields, item.fields
+                    ),
+                );
+            }
+            if let Some(h) = h {
+                for f in model.fields_of(h) {
+                    if let Some(expect) = model.expect(h, &f, policy) {
+                        if !expect.admits(r.fields.get(&f)) {
+                            return fail(
+                                w,
+                                format!(
+                                    "lost update: record {} field {f} is {:?}, the model expects {expect:?}",
+                                    r.crm_id,
+                                    r.fields.get(&f)
+                                ),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        for entry in state.mapping.entries() {
+            if ignored_ids.contains(&entry.crm_id) {
+                continue;
+            }
+            if !in_filter.contains(&entry.crm_id) {
+                return fail(
+                    w,
+                    format!("user {u}: maps {}, which is not in the user's filter", entry.crm_id),
+                );
+            }
+        }
+        for item in &items {
+            if ignored_entries.contains(&item.entry_id) {
+                continue;
+            }
+            match item.tracking {
+                Tracking::Stamped(c) if !ignored_ids.contains(&c) && state.mapping.get(c).is_none() => {
+                    return fail(
+                        w,
+                        format!("user {u}: item {} is stamped {c} and not linked", item.entry_id),
+                    );
+                }
+                Tracking::Pending => {
+                    return fail(
+                        w,
+                        format!("user {u}: item {} is tracked and never reached CRM", item.entry_id),
+                    );
+                }
+                _ => {}
+            }
+        }
+    }
+    for (h, info) in model.handles.iter().enumerate() {
+        if info.unprotected {
+            continue;
+        }
+        match info.crm_id {
+            Some(c) if !live.contains(&c) && !all_ignored.contains(&c) => {
+                return fail(w, format!("record {c} (handle {h}) was lost: no one deleted it"));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}

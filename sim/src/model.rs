@@ -1,0 +1,275 @@
+//! The reference model: what the final state must be, worked out from the edits themselves and
+//! DOMAIN's policies, independently of the engine (it never reads a queue, a plan or a mapping
+//! base to decide what is right).
+//!
+//! Records are *handles*: one per record a person made, on either side, followed through its
+//! `CrmId` (learnt from the stamp on the Outlook item once a sync links it, and through
+//! [`CrmId::successor`] when an update wins over a delete and the record is made again).
+//!
+//! Field values. Every edit writes a value no other edit writes, so any value seen anywhere
+//! names the edit that made it. A *place* is the CRM server or one user's mailbox. For each
+//! field of each handle the model keeps the latest edit made at each place, and watches after
+//! every sync run when each edit's value *arrives* at the other places. An edit `b` knew of an
+//! edit `a` when `a` had arrived at `b`'s place before `b` was made (or `a` was made there
+//! earlier). The edits nobody knew of are the *maximal* ones: with one, it is the final value
+//! (a later edit overwrites an earlier one it knew of: no lost update); with two made without
+//! knowing of each other (a conflict), `FieldConflictPolicy` picks: `CrmWins` takes the CRM
+//! edit, `OutlookWins` an Outlook one (with several Outlook ones, any of them: which user's
+//! run reaches the server first is scheduling, not policy).
+//!
+//! Existence. A handle that no one deleted, gave away or took out of a filter is *protected*:
+//! its record must exist in CRM at every step, and at the end every user whose filter holds it
+//! must hold it linked. Deleted records are judged by the structural checks (both sides agree,
+//! nothing half-linked); their resurrection under `UpdateVsDeletePolicy` is not modelled yet.
+
+use std::collections::BTreeMap;
+
+use crmsync::ids::{CrmId, EntryId};
+use crmsync::policy::FieldConflictPolicy;
+
+/// Where an edit is made or arrives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Place {
+    Crm,
+    /// A user's mailbox, by user index.
+    Outlook(usize),
+}
+
+/// A handle: one record as people know it.
+pub type Handle = usize;
+
+#[derive(Debug, Clone)]
+struct EditAt {
+    value: String,
+    /// The event number it was made at.
+    at: u64,
+    /// When its value was first seen at each other place.
+    arrived: BTreeMap<Place, u64>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct HandleInfo {
+    pub crm_id: Option<CrmId>,
+    /// The user who made it and its first item, for a record made in Outlook.
+    pub made_in: Option<(usize, EntryId)>,
+    /// Someone deleted it, gave it to another owner, or took an attendee off it.
+    pub unprotected: bool,
+    /// Users who deleted their Outlook copy (the policy may untrack instead of deleting).
+    pub deleted_in_outlook_by: Vec<usize>,
+    /// Users whose filter it left (given away, uninvited): their copy is untracked and keeps
+    /// their edits that had not reached CRM (README policy), so those no longer count.
+    pub left_filter_of: Vec<usize>,
+}
+
+/// What the model expects of one field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expect {
+    /// Exactly this value.
+    Value(String),
+    /// One of these (concurrent Outlook edits under `OutlookWins`, or no policy preference).
+    OneOf(Vec<String>),
+}
+
+impl Expect {
+    pub fn admits(&self, value: Option<&str>) -> bool {
+        match self {
+            Expect::Value(v) => value == Some(v.as_str()),
+            Expect::OneOf(vs) => vs.iter().any(|v| value == Some(v.as_str())),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Model {
+    pub handles: Vec<HandleInfo>,
+    by_crm_id: BTreeMap<CrmId, Handle>,
+    by_item: BTreeMap<(usize, EntryId), Handle>,
+    /// (handle, field) -> place -> the latest edit made there.
+    edits: BTreeMap<(Handle, String), BTreeMap<Place, EditAt>>,
+    next_value: u64,
+}
+
+impl Model {
+    /// A new record made in CRM.
+    pub fn new_crm_record(&mut self, crm_id: CrmId) -> Handle {
+        let h = self.handles.len();
+        self.handles.push(HandleInfo { crm_id: Some(crm_id), ..HandleInfo::default() });
+        self.index_crm_id(crm_id, h);
+        h
+    }
+
+    /// A new item made and tracked in Outlook by `user`.
+    pub fn new_outlook_item(&mut self, user: usize, entry_id: EntryId) -> Handle {
+        let h = self.handles.len();
+        self.handles.push(HandleInfo { made_in: Some((user, entry_id.clone())), ..HandleInfo::default() });
+        self.by_item.insert((user, entry_id), h);
+        h
+    }
+
+    fn index_crm_id(&mut self, crm_id: CrmId, h: Handle) {
+        self.by_crm_id.insert(crm_id, h);
+        // A record made again after an update won over its delete carries this id.
+        self.by_crm_id.insert(crm_id.successor(), h);
+    }
+
+    /// The handle of a `CrmId` (or of the record it is the successor of).
+    pub fn handle_of_crm_id(&self, crm_id: CrmId) -> Option<Handle> {
+        self.by_crm_id.get(&crm_id).copied()
+    }
+
+    /// The items of `user` the model knows, with their handles.
+    pub fn items_of(&self, user: usize) -> impl Iterator<Item = (&EntryId, Handle)> {
+        self.by_item.iter().filter(move |((u, _), _)| *u == user).map(|((_, e), h)| (e, *h))
+    }
+
+    pub fn handle_of_item(&self, user: usize, entry_id: &EntryId) -> Option<Handle> {
+        self.by_item.get(&(user, entry_id.clone())).copied()
+    }
+
+    /// What a sync run showed: `user`'s item `entry_id` is stamped with `crm_id`.
+    pub fn learn_link(&mut self, user: usize, entry_id: &EntryId, crm_id: CrmId) {
+        let by_item = self.handle_of_item(user, entry_id);
+        let by_id = self.handle_of_crm_id(crm_id);
+        match (by_item, by_id) {
+            (Some(h), None) => {
+                self.handles[h].crm_id.get_or_insert(crm_id);
+                self.index_crm_id(crm_id, h);
+            }
+            (None, Some(h)) => {
+                self.by_item.insert((user, entry_id.clone()), h);
+            }
+            _ => {}
+        }
+    }
+
+    /// A fresh value for an edit of `field` (unique in the world).
+    pub fn fresh_value(&mut self, field: &str) -> String {
+        self.next_value += 1;
+        format!("{field}#{}", self.next_value)
+    }
+
+    /// An edit: `place` wrote `value` into `field` of `h` at event `at`.
+    pub fn edit(&mut self, h: Handle, place: Place, field: &str, value: String, at: u64) {
+        if let Place::Outlook(u) = place {
+            if self.handles[h].left_filter_of.contains(&u) {
+                // An edit of a copy whose record left the user's filter stays in that copy.
+                return;
+            }
+        }
+        let by_place = self.edits.entry((h, field.to_owned())).or_default();
+        by_place.insert(place, EditAt { value, at, arrived: BTreeMap::new() });
+    }
+
+    /// `h` left `user`'s filter: the user's edits that have not reached CRM stay in the
+    /// user's (untracked) copy, by policy.
+    pub fn left_filter(&mut self, h: Handle, user: usize) {
+        self.handles[h].unprotected = true;
+        if !self.handles[h].left_filter_of.contains(&user) {
+            self.handles[h].left_filter_of.push(user);
+        }
+        for ((hh, _), by_place) in self.edits.range_mut((h, String::new())..(h + 1, String::new())) {
+            debug_assert_eq!(*hh, h);
+            let reached_crm =
+                by_place.get(&Place::Outlook(user)).is_some_and(|e| e.arrived.contains_key(&Place::Crm));
+            if !reached_crm {
+                by_place.remove(&Place::Outlook(user));
+            }
+        }
+    }
+
+    /// `h` entered `user`'s filter (given to them).
+    pub fn entered_filter(&mut self, h: Handle, user: usize) {
+        self.handles[h].left_filter_of.retain(|&u| u != user);
+    }
+
+    pub fn unprotect(&mut self, h: Handle) {
+        self.handles[h].unprotected = true;
+    }
+
+    pub fn deleted_in_outlook(&mut self, h: Handle, user: usize) {
+        self.handles[h].unprotected = true;
+        self.handles[h].deleted_in_outlook_by.push(user);
+    }
+
+    /// Sees `value` of `field` of `h` at `place` at event `at`: the edits whose value it is have
+    /// arrived there.
+    pub fn observe(&mut self, h: Handle, field: &str, place: Place, value: Option<&str>, at: u64) {
+        let Some(value) = value else { return };
+        let Some(by_place) = self.edits.get_mut(&(h, field.to_owned())) else { return };
+        for (origin, edit) in by_place.iter_mut() {
+            if *origin != place && edit.value == value {
+                edit.arrived.entry(place).or_insert(at);
+            }
+        }
+    }
+
+    /// The fields of `h` the model knows edits of.
+    pub fn fields_of(&self, h: Handle) -> Vec<String> {
+        self.edits.range((h, String::new())..(h + 1, String::new())).map(|((_, f), _)| f.clone()).collect()
+    }
+
+    /// What the final value of `field` of `h` must be under `policy`.
+    pub fn expect(&self, h: Handle, field: &str, policy: FieldConflictPolicy) -> Option<Expect> {
+        let by_place = self.edits.get(&(h, field.to_owned()))?;
+        let knew = |b_place: Place, b: &EditAt, a_place: Place, a: &EditAt| {
+            if a_place == b_place { a.at < b.at } else { a.arrived.get(&b_place).is_some_and(|&t| t < b.at) }
+        };
+        let maximal: Vec<(Place, &EditAt)> = by_place
+            .iter()
+            .filter(|(pa, a)| {
+                !by_place.iter().any(|(pb, b)| (*pb, b.at) != (**pa, a.at) && knew(*pb, b, **pa, a))
+            })
+            .map(|(p, e)| (*p, e))
+            .collect();
+        let crm = maximal.iter().find(|(p, _)| *p == Place::Crm).map(|(_, e)| e.value.clone());
+        let outlook: Vec<String> =
+            maximal.iter().filter(|(p, _)| *p != Place::Crm).map(|(_, e)| e.value.clone()).collect();
+        Some(match (policy, crm, outlook.as_slice()) {
+            (_, Some(c), []) => Expect::Value(c),
+            (_, None, [o]) => Expect::Value(o.clone()),
+            (FieldConflictPolicy::CrmWins, Some(c), _) => Expect::Value(c),
+            (FieldConflictPolicy::OutlookWins, _, [o]) => Expect::Value(o.clone()),
+            (FieldConflictPolicy::OutlookWins, _, os) if !os.is_empty() => Expect::OneOf(os.to_vec()),
+            (_, c, os) => Expect::OneOf(c.into_iter().chain(os.iter().cloned()).collect()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u128) -> CrmId {
+        CrmId::new(uuid::Uuid::from_u128(n)).unwrap()
+    }
+
+    #[test]
+    fn a_later_edit_that_knew_of_the_earlier_one_wins() {
+        let mut m = Model::default();
+        let h = m.new_crm_record(id(1));
+        m.edit(h, Place::Crm, "subject", "a".into(), 1);
+        m.observe(h, "subject", Place::Outlook(0), Some("a"), 2);
+        m.edit(h, Place::Outlook(0), "subject", "b".into(), 3);
+        assert_eq!(m.expect(h, "subject", FieldConflictPolicy::CrmWins), Some(Expect::Value("b".into())));
+    }
+
+    #[test]
+    fn concurrent_edits_follow_the_policy() {
+        let mut m = Model::default();
+        let h = m.new_crm_record(id(1));
+        m.edit(h, Place::Crm, "subject", "a".into(), 1);
+        m.edit(h, Place::Outlook(0), "subject", "b".into(), 2);
+        assert_eq!(m.expect(h, "subject", FieldConflictPolicy::CrmWins), Some(Expect::Value("a".into())));
+        assert_eq!(m.expect(h, "subject", FieldConflictPolicy::OutlookWins), Some(Expect::Value("b".into())));
+        // Arrival after the other edit was made does not make it known to it.
+        m.observe(h, "subject", Place::Outlook(0), Some("a"), 3);
+        assert_eq!(m.expect(h, "subject", FieldConflictPolicy::OutlookWins), Some(Expect::Value("b".into())));
+    }
+
+    #[test]
+    fn a_successor_id_finds_its_handle() {
+        let mut m = Model::default();
+        let h = m.new_crm_record(id(9));
+        assert_eq!(m.handle_of_crm_id(id(9).successor()), Some(h));
+    }
+}

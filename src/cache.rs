@@ -307,6 +307,28 @@ impl SyncCache {
         })
     }
 
+    /// Durable step *restore links*: puts mapping entries the mailbox kept on its items (see
+    /// `mailbox::SyncBase`) into `state` and the file, replacing an older base of the same pair.
+    pub fn restore_links(
+        &mut self,
+        state: &mut SyncState,
+        entries: Vec<MappingEntry>,
+    ) -> Result<(), CacheError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        self.step(|conn| {
+            for entry in entries {
+                let crm_id = entry.crm_id;
+                for displaced in state.mapping.link(entry) {
+                    write_mapping_row(conn, state.mapping.get(displaced.crm_id), displaced.crm_id)?;
+                }
+                write_mapping_row(conn, state.mapping.get(crm_id), crm_id)?;
+            }
+            Ok(())
+        })
+    }
+
     /// Groups the following durable steps into one transaction, until [`SyncCache::commit`]
     /// (commit every N outcomes). A crash loses the open group, never part of a step.
     pub fn begin(&mut self) -> Result<(), CacheError> {

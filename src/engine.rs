@@ -32,10 +32,12 @@ use crate::change::{Change, ChangeKind, ChangeOp, DeleteReason, Record, Role};
 use crate::entity::ObjectTypeCode;
 use crate::fields::FieldPatch;
 use crate::ids::{CrmId, EntryId};
-use crate::mailbox::{Mailbox, MailboxChange, MailboxCursor, MailboxError, NewItem, Tracking};
+use crate::mailbox::{Mailbox, MailboxChange, MailboxCursor, MailboxError, NewItem, SyncBase, Tracking};
+use crate::mapping::MappingEntry;
 use crate::plan::{Action, ActionOp, LinkChange, PendingLink, PlanError, plan};
 use crate::policy::Policies;
 use crate::server::{CrmService, ServerError, SubscriptionId};
+use crate::settle::SyncState;
 use crate::settle::{Applied, ItemError, ItemErrorKind, Outcome, settle};
 
 /// The cache metadata key of the mailbox cursor.
@@ -284,7 +286,9 @@ fn run<S: CrmService, M: Mailbox>(
         let page = mailbox.changes_since(cursor, config.page_size)?;
         report.mailbox_changes += page.changes.len();
         let changes: Vec<Change> = page.changes.iter().filter_map(|c| outlook_change(c, ids)).collect();
+        let restored = links_kept_on_items(&state, &page.changes);
         cache.begin()?;
+        cache.restore_links(&mut state, restored)?;
         cache.enqueue(&mut state, &changes)?;
         cache.set_meta(MAILBOX_CURSOR_KEY, &page.cursor.0.to_string())?;
         cache.commit()?;
@@ -329,6 +333,41 @@ fn run<S: CrmService, M: Mailbox>(
         durable(observer, DurableStep::CommitGroup)?;
     }
     Ok(report)
+}
+
+/// The links the mailbox knows of and the cache does not (or knows an older base of): items
+/// stamped, with a [`SyncBase`] newer than the mapping's. That is what a crash between a write
+/// and the cache's record of it leaves, and what a rebuilt cache (another primary machine, an
+/// unlink and relink) finds; restoring them first makes the queued changes merge against the
+/// base both sides really agreed on, so an edit made since is not lost to an empty base.
+fn links_kept_on_items(state: &SyncState, changes: &[MailboxChange]) -> Vec<MappingEntry> {
+    let mut out: Vec<MappingEntry> = Vec::new();
+    for item in changes.iter().filter_map(|c| c.item.as_ref()) {
+        let (Some(crm_id), Some(base)) = (item.stamp(), item.synced.as_ref()) else { continue };
+        let newer = match state.mapping.get(crm_id) {
+            Some(m) => m.entry_id == item.entry_id && base.crm_version > m.crm_version,
+            None => state.mapping.crm_id_of(&item.entry_id).is_none(),
+        };
+        let goid_free = item
+            .goid
+            .as_ref()
+            .and_then(|g| state.mapping.crm_id_of_goid(g))
+            .is_none_or(|holder| holder == crm_id);
+        let unseen = !out.iter().any(|e| e.crm_id == crm_id || e.entry_id == item.entry_id);
+        if newer && goid_free && unseen {
+            out.push(MappingEntry {
+                crm_id,
+                entry_id: item.entry_id.clone(),
+                object_type: item.object_type,
+                base: base.fields.clone(),
+                goid: item.goid.clone(),
+                role: base.role,
+                status: item.status,
+                crm_version: base.crm_version,
+            });
+        }
+    }
+    out
 }
 
 /// Tells the observer that `step` is durable; it may stop the run there.
@@ -391,7 +430,7 @@ fn apply<S: CrmService, M: Mailbox>(
             };
             server_write(server.create_record(subscription, *crm_id, action.object_type, &record)).and_then(
                 |v| {
-                    restamp(mailbox, entry_id, *crm_id)?;
+                    relink(mailbox, entry_id, *crm_id, synced_base(action, Some(v)))?;
                     Ok(Applied { entry_id: None, crm_version: Some(v) })
                 },
             )
@@ -406,7 +445,7 @@ fn apply<S: CrmService, M: Mailbox>(
                 if !to_outlook.is_empty() {
                     mailbox_write(mailbox.update(entry_id, to_outlook))?;
                 }
-                restamp(mailbox, entry_id, *crm_id)?;
+                relink(mailbox, entry_id, *crm_id, synced_base(action, v))?;
                 Ok(Applied { entry_id: None, crm_version: v })
             })
         }
@@ -498,30 +537,58 @@ fn create_in_outlook<M: Mailbox>(
                     mailbox.update(&entry, &patch)?;
                 }
             }
-            restamp(mailbox, &entry, crm_id)?;
+            relink(mailbox, &entry, crm_id, synced_base(action, None))?;
             entry
         }
         None => {
             let link = pending(&action.link);
+            let synced = synced_base(action, None).unwrap_or_else(|| SyncBase {
+                fields: fields.clone(),
+                crm_version: None,
+                role: Role::Owner,
+            });
             mailbox.create(NewItem {
                 object_type: action.object_type,
                 fields: fields.clone(),
                 goid: link.and_then(|l| l.goid.clone()).filter(|_| action.object_type.is_calendar()),
                 status: link.map_or(crate::change::ActivityStatus::Open, |l| l.status),
                 stamp: crm_id,
+                synced,
             })?
         }
     };
     Ok(Applied { entry_id: Some(entry_id), crm_version: None })
 }
 
-/// Makes sure the item carries `crm_id` (a link, a re-created record); an item deleted since is
-/// fine: the mapping's next run sees the delete.
-fn restamp<M: Mailbox>(mailbox: &mut M, entry_id: &EntryId, crm_id: CrmId) -> Result<(), Failure> {
-    match mailbox.get(entry_id)? {
-        Some(item) if item.stamp() == Some(crm_id) => Ok(()),
-        Some(_) => Ok(mailbox.set_stamp(entry_id, Some(crm_id))?),
-        None => Ok(()),
+/// The base an applied action agrees on, to keep on the item: the pending link's, with the
+/// CRM version the write returned.
+fn synced_base(action: &Action, version: Option<crate::ids::VersionNumber>) -> Option<SyncBase> {
+    pending(&action.link).map(|p| SyncBase {
+        fields: p.base.clone(),
+        crm_version: p.crm_version.max(version),
+        role: p.role,
+    })
+}
+
+/// Makes sure the item carries `crm_id` (a link, a re-created record) and, when the action
+/// agrees on one, the new base; an item deleted since is fine: the mapping's next run sees the
+/// delete.
+fn relink<M: Mailbox>(
+    mailbox: &mut M,
+    entry_id: &EntryId,
+    crm_id: CrmId,
+    base: Option<SyncBase>,
+) -> Result<(), Failure> {
+    match base {
+        Some(base) => match mailbox.link(entry_id, crm_id, base) {
+            Ok(()) | Err(MailboxError::NotFound(_)) => Ok(()),
+            Err(e) => Err(e.into()),
+        },
+        None => match mailbox.get(entry_id)? {
+            Some(item) if item.stamp() == Some(crm_id) => Ok(()),
+            Some(_) => Ok(mailbox.set_stamp(entry_id, Some(crm_id))?),
+            None => Ok(()),
+        },
     }
 }
 

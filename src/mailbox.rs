@@ -37,11 +37,11 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::change::{ActivityStatus, ChangeKind};
+use crate::change::{ActivityStatus, ChangeKind, Role};
 use crate::clock::Clock;
 use crate::entity::ObjectTypeCode;
 use crate::fields::{FieldPatch, Fields, FieldsError};
-use crate::ids::{CrmId, EntryId, GlobalObjectId};
+use crate::ids::{CrmId, EntryId, GlobalObjectId, VersionNumber};
 
 /// Most changes one [`Mailbox::changes_since`] page may hold.
 pub const CHANGES_PAGE_MAX: usize = 10_000;
@@ -94,6 +94,19 @@ impl Tracking {
     }
 }
 
+/// What a sync last agreed on for an item, kept on the item itself (as Outlook items carry
+/// CRM's properties): the fields both sides held, the CRM `VersionNumber` they reflect, and the
+/// user's role. It is written together with the stamp, after the sync's writes and before the
+/// cache records their outcome, so when a crash loses that record, or the cache is rebuilt
+/// (another primary machine, an unlink and relink), the next run still merges against the
+/// right base instead of an empty one, and an edit made in between is not lost.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncBase {
+    pub fields: Fields,
+    pub crm_version: Option<VersionNumber>,
+    pub role: Role,
+}
+
 /// One Outlook item.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct MailboxItem {
@@ -107,6 +120,8 @@ pub struct MailboxItem {
     /// When the item was last written, by the user or a sync, by the mailbox's clock (a machine
     /// clock: it may be skewed, and is never used to order anything).
     pub modified_at: DateTime<Utc>,
+    /// The base the sync last agreed on for it (`None`: never synced, or untracked since).
+    pub synced: Option<SyncBase>,
 }
 
 impl MailboxItem {
@@ -178,6 +193,8 @@ pub struct NewItem {
     pub goid: Option<GlobalObjectId>,
     pub status: ActivityStatus,
     pub stamp: CrmId,
+    /// The base the sync agreed on (its fields are normally `fields`).
+    pub synced: SyncBase,
 }
 
 /// Why a mailbox operation was refused. Every variant carries the offending value.
@@ -233,6 +250,9 @@ pub trait Mailbox {
     /// Stamps the item with a `CrmId` (links it; refused if another item carries that stamp),
     /// or with `None` untracks it: its pending changes are no longer reported.
     fn set_stamp(&mut self, entry_id: &EntryId, stamp: Option<CrmId>) -> Result<(), MailboxError>;
+    /// Links the item: stamps it with `stamp` (refused if another item carries it) and keeps
+    /// `base` on it (see [`SyncBase`]).
+    fn link(&mut self, entry_id: &EntryId, stamp: CrmId, base: SyncBase) -> Result<(), MailboxError>;
     /// The item with this GOID (the lowest EntryId if a copy shares it): the only search DOMAIN
     /// allows a sync, for an appointment with no mapping.
     fn find_by_goid(&self, goid: &GlobalObjectId) -> Result<Option<EntryId>, MailboxError>;
@@ -512,6 +532,7 @@ impl Mailbox for MemoryMailbox {
             status: new.status,
             tracking: Tracking::Stamped(new.stamp),
             modified_at,
+            synced: Some(new.synced),
         }))
     }
 
@@ -554,9 +575,18 @@ impl Mailbox for MemoryMailbox {
         slot.item.modified_at = now;
         if stamp.is_none() {
             slot.untracked_at = head;
+            slot.item.synced = None;
         }
         let item = slot.item.clone();
         self.index(number, &item);
+        Ok(())
+    }
+
+    fn link(&mut self, entry_id: &EntryId, stamp: CrmId, base: SyncBase) -> Result<(), MailboxError> {
+        self.set_stamp(entry_id, Some(stamp))?;
+        let number = self.number_of(entry_id)?;
+        let slot = self.items.get_mut(&number).expect("number_of found it");
+        slot.item.synced = Some(base);
         Ok(())
     }
 
@@ -598,6 +628,7 @@ impl UserEdits for MemoryMailbox {
             status,
             tracking: Tracking::Untracked,
             modified_at,
+            synced: None,
         }))
     }
 

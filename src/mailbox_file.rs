@@ -29,6 +29,7 @@ use crate::clock::Clock;
 use crate::entity::{ObjectTypeCode, UnknownObjectTypeCode};
 use crate::fields::{FieldPatch, Fields};
 use crate::ids::{CrmId, EntryId, GlobalObjectId};
+use crate::mailbox::SyncBase;
 use crate::mailbox::{
     ChangePage, ENTRY_ID_PREFIX_LEN_MAX, EntryIdFormat, ITEM_COUNT_MAX, Mailbox, MailboxChange,
     MailboxCursor, MailboxError, MailboxItem, NewItem, Tracking, UserEdits, check_goid, check_page,
@@ -37,7 +38,7 @@ use crate::mailbox::{
 /// `PRAGMA application_id` of a crmsync mailbox file ("CRMM"; the server store is "CRMS").
 pub const MAILBOX_APPLICATION_ID: i32 = 0x4352_4D4D;
 /// The schema version this build writes and reads (`PRAGMA user_version`).
-pub const MAILBOX_SCHEMA_VERSION: i32 = 1;
+pub const MAILBOX_SCHEMA_VERSION: i32 = 2;
 /// Most sync writes one transaction gathers before it is committed without a `flush`.
 pub const BATCH_WRITES_MAX: usize = 10_000;
 /// How long a write waits for another connection's lock on the file.
@@ -68,9 +69,14 @@ CREATE TABLE Change (
 );
 ";
 
+/// From version 1 to 2: items keep the base the sync last agreed on (`SyncBase`, JSON).
+const MIGRATE_V1_TO_V2: &str = "
+ALTER TABLE Item ADD COLUMN Synced TEXT;
+";
+
 const PREFIX_KEY: &str = "EntryIdPrefix";
 const ITEM_COLUMNS: &str =
-    "Number, ObjectTypeCode, Fields, GlobalObjectId, Status, Tracked, Stamp, ModifiedAt";
+    "Number, ObjectTypeCode, Fields, GlobalObjectId, Status, Tracked, Stamp, ModifiedAt, Synced";
 
 /// Why a mailbox file could not be opened. The file is left as it was.
 #[derive(Debug, thiserror::Error)]
@@ -152,6 +158,10 @@ fn kind_from(code: i64) -> Result<ChangeKind, MailboxError> {
     }
 }
 
+fn synced_text(base: &SyncBase) -> Result<String, MailboxError> {
+    serde_json::to_string(base).map_err(|e| corrupt("Item", "Synced", e))
+}
+
 /// A time as the file writes it: RFC 3339, UTC, with as many second digits as it needs, so it
 /// reads back exactly.
 fn time_text(t: DateTime<Utc>) -> String {
@@ -198,6 +208,7 @@ struct ItemRow {
     tracked: i64,
     stamp: Option<Vec<u8>>,
     modified_at: String,
+    synced: Option<String>,
 }
 
 impl ItemRow {
@@ -211,6 +222,7 @@ impl ItemRow {
             tracked: row.get(at + 5)?,
             stamp: row.get(at + 6)?,
             modified_at: row.get(at + 7)?,
+            synced: row.get(at + 8)?,
         })
     }
 }
@@ -307,6 +319,13 @@ impl SqliteMailbox {
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(path, flags).map_err(sqlite)?;
         set_pragmas(&conn).map_err(sqlite)?;
+        let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sqlite)?;
+        if version == 1 {
+            conn.execute_batch(&format!(
+                "BEGIN IMMEDIATE; {MIGRATE_V1_TO_V2} PRAGMA user_version = {MAILBOX_SCHEMA_VERSION}; COMMIT;"
+            ))
+            .map_err(sqlite)?;
+        }
         let count: i64 = conn.query_row("SELECT COUNT(*) FROM Item", [], |r| r.get(0)).map_err(sqlite)?;
         let count = usize::try_from(count).unwrap_or(usize::MAX);
         Ok(Self::with(conn, Some(path.to_owned()), ids, clock, count))
@@ -381,6 +400,10 @@ impl SqliteMailbox {
             status: status_from(row.status)?,
             tracking,
             modified_at: time_from("Item", &row.modified_at)?,
+            synced: row
+                .synced
+                .map(|text| serde_json::from_str(&text).map_err(|_| corrupt("Item", "Synced", &text)))
+                .transpose()?,
         })
     }
 
@@ -420,8 +443,8 @@ impl SqliteMailbox {
         let fields = serde_json::to_string(&item.fields).map_err(|e| corrupt("Item", "Fields", e))?;
         self.conn
             .prepare_cached(
-                "INSERT INTO Item (ObjectTypeCode, Fields, GlobalObjectId, Status, Tracked, Stamp, ModifiedAt) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO Item (ObjectTypeCode, Fields, GlobalObjectId, Status, Tracked, Stamp, ModifiedAt, \
+                 Synced) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?
             .execute(params![
                 item.object_type.code(),
@@ -431,6 +454,7 @@ impl SqliteMailbox {
                 i64::from(item.is_tracked()),
                 item.stamp().as_ref().map(stamp_bytes),
                 time_text(item.modified_at),
+                item.synced.as_ref().map(synced_text).transpose()?,
             ])?;
         number_from("Item", self.conn.last_insert_rowid())
     }
@@ -507,7 +531,7 @@ fn set_pragmas(conn: &Connection) -> rusqlite::Result<()> {
 fn create_schema(conn: &Connection, ids: &EntryIdFormat) -> rusqlite::Result<()> {
     set_pragmas(conn)?;
     conn.execute_batch(&format!(
-        "BEGIN; {SCHEMA} PRAGMA application_id = {MAILBOX_APPLICATION_ID}; \
+        "BEGIN; {SCHEMA} {MIGRATE_V1_TO_V2} PRAGMA application_id = {MAILBOX_APPLICATION_ID}; \
          PRAGMA user_version = {MAILBOX_SCHEMA_VERSION};"
     ))?;
     conn.execute("INSERT INTO Meta VALUES (?1, ?2)", [PREFIX_KEY, ids.prefix()])?;
@@ -649,6 +673,7 @@ impl Mailbox for SqliteMailbox {
             status: new.status,
             tracking: Tracking::Stamped(new.stamp),
             modified_at: self.clock.now(),
+            synced: Some(new.synced),
         };
         let number = self.insert_item(&item)?;
         self.item_count += 1;
@@ -695,7 +720,8 @@ impl Mailbox for SqliteMailbox {
         self.conn
             .prepare_cached(
                 "UPDATE Item SET Tracked = ?2, Stamp = ?3, ModifiedAt = ?4, \
-                 UntrackedAt = CASE WHEN ?2 = 0 THEN ?5 ELSE UntrackedAt END WHERE Number = ?1",
+                 UntrackedAt = CASE WHEN ?2 = 0 THEN ?5 ELSE UntrackedAt END, \
+                 Synced = CASE WHEN ?2 = 0 THEN NULL ELSE Synced END WHERE Number = ?1",
             )?
             .execute(params![
                 sql_number(number),
@@ -704,6 +730,24 @@ impl Mailbox for SqliteMailbox {
                 time_text(self.clock.now()),
                 sql_number(head),
             ])?;
+        self.wrote()
+    }
+
+    fn link(&mut self, entry_id: &EntryId, stamp: CrmId, base: SyncBase) -> Result<(), MailboxError> {
+        let (number, item) = self.existing(entry_id)?;
+        if item.stamp() != Some(stamp) {
+            if let Some(entry_id) = self.find_by_stamp(stamp)? {
+                return Err(MailboxError::StampTaken { stamp, entry_id });
+            }
+        }
+        let synced = synced_text(&base)?;
+        self.begin()?;
+        self.conn
+            .prepare_cached(
+                "UPDATE Item SET Tracked = 1, Stamp = ?2, Synced = ?3, \
+                 ModifiedAt = CASE WHEN Stamp IS ?2 THEN ModifiedAt ELSE ?4 END WHERE Number = ?1",
+            )?
+            .execute(params![sql_number(number), stamp_bytes(&stamp), synced, time_text(self.clock.now())])?;
         self.wrote()
     }
 
@@ -752,6 +796,7 @@ impl UserEdits for SqliteMailbox {
             status,
             tracking: Tracking::Untracked,
             modified_at: self.clock.now(),
+            synced: None,
         };
         let number = self.user_edit(|mb| mb.insert_item(&item))?;
         self.item_count += 1;

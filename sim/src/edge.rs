@@ -15,6 +15,7 @@ use crmsync::clock::{Clock, ManualClock};
 use crmsync::engine::{DurableStep, Interrupt, StepObserver};
 use crmsync::fields::FieldPatch;
 use crmsync::ids::{CrmId, EntryId, GlobalObjectId, VersionNumber};
+use crmsync::mailbox::SyncBase;
 use crmsync::mailbox::{
     ChangePage, Mailbox, MailboxCursor, MailboxError, MailboxItem, MemoryMailbox, NewItem,
 };
@@ -221,6 +222,10 @@ impl Mailbox for SimMailbox<'_> {
     fn set_stamp(&mut self, entry_id: &EntryId, stamp: Option<CrmId>) -> Result<(), MailboxError> {
         self.lock(entry_id)?;
         self.inner.set_stamp(entry_id, stamp)
+    }
+    fn link(&mut self, entry_id: &EntryId, stamp: CrmId, base: SyncBase) -> Result<(), MailboxError> {
+        self.lock(entry_id)?;
+        self.inner.link(entry_id, stamp, base)
     }
     fn find_by_goid(&self, goid: &GlobalObjectId) -> Result<Option<EntryId>, MailboxError> {
         self.inner.find_by_goid(goid)

@@ -9,7 +9,7 @@ use std::rc::Rc;
 use chrono::{DateTime, Duration, Utc};
 use crmsync::ObjectTypeCode::{Appointment, Contact, Task};
 use crmsync::clock::{Clock, ManualClock};
-use crmsync::mailbox::{CHANGES_PAGE_MAX, ENTRY_ID_NUMBER_DIGITS};
+use crmsync::mailbox::{CHANGES_PAGE_MAX, ENTRY_ID_NUMBER_DIGITS, SyncBase};
 use crmsync::*;
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
@@ -71,7 +71,18 @@ on_both!(
 
 fn stamped(otc: ObjectTypeCode, fields: &[(&str, &str)], crm: u128) -> NewItem {
     let goid = otc.is_calendar().then(|| goid(crm as u8));
-    NewItem { object_type: otc, fields: f(fields), goid, status: OPEN, stamp: id(crm) }
+    NewItem {
+        object_type: otc,
+        fields: f(fields),
+        goid,
+        status: OPEN,
+        stamp: id(crm),
+        synced: base(f(fields), 1),
+    }
+}
+
+fn base(fields: Fields, version: u64) -> SyncBase {
+    SyncBase { fields, crm_version: Some(VersionNumber(version)), role: Role::Owner }
 }
 
 fn all(mb: &impl Mailbox, from: MailboxCursor) -> ChangePage {
@@ -502,6 +513,7 @@ impl Model {
             status: new.status,
             tracking: Tracking::Stamped(new.stamp),
             modified_at: now,
+            synced: Some(new.synced),
         }))
     }
 
@@ -531,6 +543,16 @@ impl Model {
         }
         let item = self.items.get_mut(&n).unwrap();
         (item.tracking, item.modified_at) = (tracking, now);
+        if stamp.is_none() {
+            item.synced = None;
+        }
+        Ok(())
+    }
+
+    fn link(&mut self, e: &EntryId, stamp: CrmId, synced: SyncBase, now: DateTime<Utc>) -> Res<()> {
+        self.set_stamp(e, Some(stamp), now)?;
+        let n = self.number(e)?;
+        self.items.get_mut(&n).unwrap().synced = Some(synced);
         Ok(())
     }
 
@@ -550,6 +572,7 @@ impl Model {
             status: OPEN,
             tracking: Tracking::Untracked,
             modified_at: now,
+            synced: None,
         };
         Ok(self.insert(item))
     }
@@ -641,6 +664,7 @@ enum Op {
     Update(usize, u8),
     Delete(usize),
     SetStamp(usize, Option<u8>),
+    Link(usize, u8, u8),
     Clock(i64),
     Read(usize),
     Flush,
@@ -663,9 +687,10 @@ fn op() -> impl Strategy<Value = Op> {
         1 => which.clone().prop_map(Op::UserDelete),
         1 => which.clone().prop_map(Op::UserCopy),
         3 => (item, value.clone(), stamp.clone()).prop_map(|((otc, goid), value, stamp)| Op::Create { otc, value, goid, stamp }),
-        3 => (which.clone(), value).prop_map(|(i, v)| Op::Update(i, v)),
+        3 => (which.clone(), value.clone()).prop_map(|(i, v)| Op::Update(i, v)),
         1 => which.clone().prop_map(Op::Delete),
-        2 => (which, proptest::option::of(stamp)).prop_map(|(i, s)| Op::SetStamp(i, s)),
+        2 => (which.clone(), proptest::option::of(stamp.clone())).prop_map(|(i, s)| Op::SetStamp(i, s)),
+        2 => (which, stamp, value).prop_map(|(i, s, v)| Op::Link(i, s, v)),
         1 => (-30i64..60).prop_map(Op::Clock),
         2 => (1usize..5).prop_map(Op::Read),
         1 => Just(Op::Flush),
@@ -709,10 +734,12 @@ fn apply<M: Mailbox + UserEdits>(
             goid: g.map(goid),
             status: OPEN,
             stamp: stamp_id(*stamp),
+            synced: base(value_fields(*value), 1),
         })),
         Op::Update(..) => show(mb.update(e, patch)),
         Op::Delete(_) => show(mb.delete(e)),
         Op::SetStamp(_, s) => show(mb.set_stamp(e, s.map(stamp_id))),
+        Op::Link(_, s, v) => show(mb.link(e, stamp_id(*s), base(value_fields(*v), u64::from(*v)))),
         Op::Clock(_) | Op::Flush => show(mb.flush()),
         Op::Read(limit) => {
             let page = mb.changes_since(*cursor, *limit);
@@ -753,12 +780,14 @@ fn model_apply(
                 goid: g.map(goid),
                 status: OPEN,
                 stamp: stamp_id(*stamp),
+                synced: base(value_fields(*value), 1),
             },
             now,
         )),
         Op::Update(..) => show(m.update(e, patch, now)),
         Op::Delete(_) => show(m.number(e).map(|n| m.items.remove(&n)).map(|_| ()).or(Ok(()))),
         Op::SetStamp(_, s) => show(m.set_stamp(e, s.map(stamp_id), now)),
+        Op::Link(_, s, v) => show(m.link(e, stamp_id(*s), base(value_fields(*v), u64::from(*v)), now)),
         Op::Clock(_) | Op::Flush => show(Ok(())),
         Op::Read(limit) => {
             let page = m.changes_since(*cursor, *limit);
@@ -826,7 +855,7 @@ proptest! {
             }
             let e = match op {
                 Op::UserTrack(i) | Op::UserUpdate(i, _) | Op::UserDelete(i) | Op::UserCopy(i)
-                | Op::Update(i, _) | Op::Delete(i) | Op::SetStamp(i, _) => known[i % known.len()].clone(),
+                | Op::Update(i, _) | Op::Delete(i) | Op::SetStamp(i, _) | Op::Link(i, ..) => known[i % known.len()].clone(),
                 _ => known[0].clone(),
             };
             let patch = match op {
@@ -1026,6 +1055,34 @@ mod file {
         assert_eq!(kinds(&all(&mb, START)), [(a, ChangeKind::Create)]);
         drop(mb);
         drop(SqliteMailbox::open(&path, PREFIX, boxed(&clock)).unwrap());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_version_1_mailbox_file_migrates_and_keeps_its_items() {
+        let dir = dir("migrate");
+        let path = dir.join("mailbox.db");
+        let clock = self::clock();
+        std::fs::write(&path, b"").unwrap();
+        {
+            let mut mb = SqliteMailbox::open(&path, PREFIX, boxed(&clock)).unwrap();
+            let a = mb.user_create(Contact, f(&[("fullname", "Alice")]), None, OPEN).unwrap();
+            mb.user_track(&a).unwrap();
+            mb.create(stamped(Task, &[("subject", "Plan")], 8)).unwrap();
+        }
+        // Make it what version 1 wrote: no Synced column.
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch("ALTER TABLE Item DROP COLUMN Synced; PRAGMA user_version = 1;").unwrap();
+        drop(conn);
+        let mb = SqliteMailbox::open_existing(&path, boxed(&clock)).unwrap();
+        let items = mb.all_items().unwrap();
+        assert_eq!(items.len(), 2);
+        assert!(items.iter().all(|i| i.synced.is_none()), "{items:?}");
+        assert_eq!(items[1].stamp(), Some(id(8)));
+        drop(mb);
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, MAILBOX_SCHEMA_VERSION);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

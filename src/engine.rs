@@ -28,11 +28,13 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::cache::{CacheError, SyncCache};
-use crate::change::{Change, ChangeKind, ChangeOp, DeleteReason, Record, Role};
+use crate::change::{Change, ChangeKind, ChangeOp, DeleteReason, Record, RecordKey, Role};
 use crate::entity::ObjectTypeCode;
 use crate::fields::FieldPatch;
 use crate::ids::{CrmId, EntryId};
-use crate::mailbox::{Mailbox, MailboxChange, MailboxCursor, MailboxError, NewItem, SyncBase, Tracking};
+use crate::mailbox::{
+    Mailbox, MailboxChange, MailboxCursor, MailboxError, MailboxItem, NewItem, SyncBase, Tracking,
+};
 use crate::mapping::MappingEntry;
 use crate::plan::{Action, ActionOp, LinkChange, PendingLink, PlanError, plan};
 use crate::policy::Policies;
@@ -42,6 +44,8 @@ use crate::settle::{Applied, ItemError, ItemErrorKind, Outcome, settle};
 
 /// The cache metadata key of the mailbox cursor.
 pub const MAILBOX_CURSOR_KEY: &str = "mailbox_cursor";
+/// The cache metadata key saying a run is applying its plan ("1") or finished it ("0").
+pub const APPLYING_KEY: &str = "applying";
 
 /// The durable steps of a run, named as ARCHITECTURE.md names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,6 +58,8 @@ pub enum DurableStep {
     FlushMailbox,
     SettleAction,
     CommitGroup,
+    /// Links an interrupted run left on items are back in the cache (before planning).
+    RestoreLinks,
 }
 
 /// What an observer answers when it wants the run to stop right after a durable step: the
@@ -286,7 +292,7 @@ fn run<S: CrmService, M: Mailbox>(
         let page = mailbox.changes_since(cursor, config.page_size)?;
         report.mailbox_changes += page.changes.len();
         let changes: Vec<Change> = page.changes.iter().filter_map(|c| outlook_change(c, ids)).collect();
-        let restored = links_kept_on_items(&state, &page.changes);
+        let restored = links_kept_on_items(&state, page.changes.iter().filter_map(|c| c.item.as_ref()));
         cache.begin()?;
         cache.restore_links(&mut state, restored)?;
         cache.enqueue(&mut state, &changes)?;
@@ -298,6 +304,18 @@ fn run<S: CrmService, M: Mailbox>(
             break;
         }
     }
+
+    // A run stopped while applying (a crash, a network failure) may have written items whose
+    // links the cache never recorded: the items keep them (`SyncBase`), so restore them before
+    // planning, or a record created then deleted, say, would be dropped as never synced while
+    // its item stays stamped.
+    if cache.meta(APPLYING_KEY)?.as_deref() == Some("1") {
+        let items = items_of_unmapped_entries(&state, mailbox)?;
+        let restored = links_kept_on_items(&state, items.iter());
+        cache.restore_links(&mut state, restored)?;
+        durable(observer, DurableStep::RestoreLinks)?;
+    }
+    cache.set_meta(APPLYING_KEY, "1")?;
 
     // Steps 4 to 7: plan, apply, settle.
     let plan = plan(&state.queue, &state.mapping, &config.policies)?;
@@ -332,6 +350,7 @@ fn run<S: CrmService, M: Mailbox>(
         cache.commit()?;
         durable(observer, DurableStep::CommitGroup)?;
     }
+    cache.set_meta(APPLYING_KEY, "0")?;
     Ok(report)
 }
 
@@ -340,9 +359,12 @@ fn run<S: CrmService, M: Mailbox>(
 /// and the cache's record of it leaves, and what a rebuilt cache (another primary machine, an
 /// unlink and relink) finds; restoring them first makes the queued changes merge against the
 /// base both sides really agreed on, so an edit made since is not lost to an empty base.
-fn links_kept_on_items(state: &SyncState, changes: &[MailboxChange]) -> Vec<MappingEntry> {
+fn links_kept_on_items<'i>(
+    state: &SyncState,
+    items: impl Iterator<Item = &'i MailboxItem>,
+) -> Vec<MappingEntry> {
     let mut out: Vec<MappingEntry> = Vec::new();
-    for item in changes.iter().filter_map(|c| c.item.as_ref()) {
+    for item in items {
         let (Some(crm_id), Some(base)) = (item.stamp(), item.synced.as_ref()) else { continue };
         let newer = match state.mapping.get(crm_id) {
             Some(m) => m.entry_id == item.entry_id && base.crm_version > m.crm_version,
@@ -368,6 +390,33 @@ fn links_kept_on_items(state: &SyncState, changes: &[MailboxChange]) -> Vec<Mapp
         }
     }
     out
+}
+
+/// The items the queue's unmapped entries name: by stamp for a CRM change, by EntryId for an
+/// Outlook one (what an interrupted run may have linked without the cache knowing).
+fn items_of_unmapped_entries<M: Mailbox>(
+    state: &SyncState,
+    mailbox: &M,
+) -> Result<Vec<MailboxItem>, EngineError> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut items = Vec::new();
+    for entry in state.queue.iter_unordered() {
+        let entry_id = match entry.change.key() {
+            RecordKey::Crm(crm_id) if state.mapping.get(*crm_id).is_none() => {
+                mailbox.find_by_stamp(*crm_id)?
+            }
+            RecordKey::Outlook(entry_id) if state.mapping.crm_id_of(entry_id).is_none() => {
+                Some(entry_id.clone())
+            }
+            _ => None,
+        };
+        if let Some(entry_id) = entry_id.filter(|e| seen.insert(e.clone())) {
+            items.extend(mailbox.get(&entry_id)?);
+        }
+    }
+    // The order the queue's index gave must not reach the result.
+    items.sort_by(|a, b| a.entry_id.cmp(&b.entry_id));
+    Ok(items)
 }
 
 /// Tells the observer that `step` is durable; it may stop the run there.

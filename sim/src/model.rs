@@ -167,14 +167,7 @@ impl Model {
         if !self.handles[h].left_filter_of.contains(&user) {
             self.handles[h].left_filter_of.push(user);
         }
-        for ((hh, _), by_place) in self.edits.range_mut((h, String::new())..(h + 1, String::new())) {
-            debug_assert_eq!(*hh, h);
-            let reached_crm =
-                by_place.get(&Place::Outlook(user)).is_some_and(|e| e.arrived.contains_key(&Place::Crm));
-            if !reached_crm {
-                by_place.remove(&Place::Outlook(user));
-            }
-        }
+        self.withdraw_unsent(h, user);
     }
 
     /// `h` entered `user`'s filter (given to them).
@@ -186,9 +179,22 @@ impl Model {
         self.handles[h].unprotected = true;
     }
 
+    /// `user` deleted their copy of `h`. Their edits that had not reached CRM go with it: a
+    /// queued update followed by a delete folds into the delete (DOMAIN's coalescing).
     pub fn deleted_in_outlook(&mut self, h: Handle, user: usize) {
         self.handles[h].unprotected = true;
         self.handles[h].deleted_in_outlook_by.push(user);
+        self.withdraw_unsent(h, user);
+    }
+
+    fn withdraw_unsent(&mut self, h: Handle, user: usize) {
+        for (_, by_place) in self.edits.range_mut((h, String::new())..(h + 1, String::new())) {
+            let reached_crm =
+                by_place.get(&Place::Outlook(user)).is_some_and(|e| e.arrived.contains_key(&Place::Crm));
+            if !reached_crm {
+                by_place.remove(&Place::Outlook(user));
+            }
+        }
     }
 
     /// Sees `value` of `field` of `h` at `place` at event `at`: the edits whose value it is have

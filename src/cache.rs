@@ -307,6 +307,20 @@ impl SyncCache {
         })
     }
 
+    /// Forgets the links `crm_ids` (in `state` and the file): pairs another machine unlinked.
+    pub fn forget_links(&mut self, state: &mut SyncState, crm_ids: &[CrmId]) -> Result<(), CacheError> {
+        if crm_ids.is_empty() {
+            return Ok(());
+        }
+        self.step(|conn| {
+            for &crm_id in crm_ids {
+                state.mapping.remove(crm_id);
+                write_mapping_row(conn, None, crm_id)?;
+            }
+            Ok(())
+        })
+    }
+
     /// Durable step *restore links*: puts mapping entries the mailbox kept on its items (see
     /// `mailbox::SyncBase`) into `state` and the file, replacing an older base of the same pair.
     pub fn restore_links(

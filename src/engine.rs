@@ -44,6 +44,8 @@ use crate::settle::{Applied, ItemError, ItemErrorKind, Outcome, settle};
 
 /// The cache metadata key of the mailbox cursor.
 pub const MAILBOX_CURSOR_KEY: &str = "mailbox_cursor";
+/// The cache metadata key of the primary term this cache last synced under.
+pub const PRIMARY_TERM_KEY: &str = "primary_term";
 /// The cache metadata key saying a run is applying its plan ("1") or finished it ("0").
 pub const APPLYING_KEY: &str = "applying";
 
@@ -60,6 +62,8 @@ pub enum DurableStep {
     CommitGroup,
     /// Links an interrupted run left on items are back in the cache (before planning).
     RestoreLinks,
+    /// A cache new to this primary term is reconciled with the mailbox's items.
+    Reconcile,
 }
 
 /// What an observer answers when it wants the run to stop right after a durable step: the
@@ -258,11 +262,12 @@ fn run<S: CrmService, M: Mailbox>(
     subscription: SubscriptionId,
     config: &EngineConfig,
 ) -> Result<RunReport, EngineError> {
-    let mut report = RunReport { primary: server.is_primary_client(subscription)?, ..RunReport::default() };
-    if !report.primary {
+    let term = server.primary_term(subscription)?;
+    let mut report = RunReport { primary: term.is_some(), ..RunReport::default() };
+    let Some(term) = term else {
         // A secondary client reads and never writes.
         return Ok(report);
-    }
+    };
     let mut state = cache.load()?;
 
     // Steps 1 and 2: prepare, then queue every server page durably before acknowledging it.
@@ -283,6 +288,13 @@ fn run<S: CrmService, M: Mailbox>(
         }
     }
 
+    // A term this cache has not synced under: the cache is new or rebuilt, or another machine
+    // was primary meanwhile. Its view of the mailbox may be stale: reconcile it with the items.
+    if cache.meta(PRIMARY_TERM_KEY)?.as_deref() != Some(term.to_string().as_str()) {
+        reconcile(server, mailbox, cache, &mut state, subscription, term)?;
+        durable(observer, DurableStep::Reconcile)?;
+    }
+
     // Step 3: the user's changes of tracked items since the last run, with the cursor.
     let mut cursor = match cache.meta(MAILBOX_CURSOR_KEY)? {
         Some(text) => MailboxCursor(text.parse().map_err(|_| EngineError::BadCursor(text))?),
@@ -293,8 +305,20 @@ fn run<S: CrmService, M: Mailbox>(
         report.mailbox_changes += page.changes.len();
         let changes: Vec<Change> = page.changes.iter().filter_map(|c| outlook_change(c, ids)).collect();
         let restored = links_kept_on_items(&state, page.changes.iter().filter_map(|c| c.item.as_ref()));
+        // An item stamped by a sync that this client sees created (its cache was rebuilt: a new
+        // primary machine, an unlink and relink) may name a record the server will never hand
+        // out to this subscription (deleted, or out of the filter since): ask.
+        let mut fetched = Vec::new();
+        for change in &page.changes {
+            if let (ChangeKind::Create, Some(item)) = (change.kind, &change.item) {
+                if let Tracking::Stamped(crm_id) = item.tracking {
+                    fetched.extend(server.fetch_record(subscription, crm_id)?);
+                }
+            }
+        }
         cache.begin()?;
         cache.restore_links(&mut state, restored)?;
+        cache.enqueue(&mut state, &fetched)?;
         cache.enqueue(&mut state, &changes)?;
         cache.set_meta(MAILBOX_CURSOR_KEY, &page.cursor.0.to_string())?;
         cache.commit()?;
@@ -390,6 +414,57 @@ fn links_kept_on_items<'i>(
         }
     }
     out
+}
+
+/// Brings a cache that may be stale (new, rebuilt, or last used before another machine was
+/// primary) in line with the mailbox, in one transaction: forgets pairs whose item is gone or
+/// carries another stamp (another machine's sync decided), restores the links items keep
+/// ([`SyncBase`]), and for every stamped item whose record the server will not hand out (this
+/// subscription does not hold it) asks the server ([`CrmService::fetch_record`]) and queues the
+/// answer: a record deleted or gone out of the filter meanwhile then meets its item.
+fn reconcile<S: CrmService, M: Mailbox>(
+    server: &mut S,
+    mailbox: &M,
+    cache: &mut SyncCache,
+    state: &mut SyncState,
+    subscription: SubscriptionId,
+    term: u64,
+) -> Result<(), EngineError> {
+    let items = mailbox.all_items()?;
+    let by_entry: std::collections::BTreeMap<&EntryId, &MailboxItem> =
+        items.iter().map(|i| (&i.entry_id, i)).collect();
+    let mut stale: Vec<CrmId> = state
+        .mapping
+        .iter_unordered()
+        .filter(|m| by_entry.get(&m.entry_id).and_then(|i| i.stamp()) != Some(m.crm_id))
+        .map(|m| m.crm_id)
+        .collect();
+    stale.sort_unstable();
+    let queued: std::collections::BTreeSet<CrmId> = state
+        .queue
+        .iter_unordered()
+        .filter_map(|e| match e.change.key() {
+            RecordKey::Crm(id) => Some(*id),
+            RecordKey::Outlook(_) => None,
+        })
+        .collect();
+    cache.begin()?;
+    cache.forget_links(state, &stale)?;
+    let held: std::collections::BTreeSet<CrmId> = state.mapping.iter_unordered().map(|m| m.crm_id).collect();
+    let restored = links_kept_on_items(state, items.iter());
+    cache.restore_links(state, restored)?;
+    let mut fetched = Vec::new();
+    let mut asked = std::collections::BTreeSet::new();
+    for item in &items {
+        let Some(crm_id) = item.stamp() else { continue };
+        if !held.contains(&crm_id) && !queued.contains(&crm_id) && asked.insert(crm_id) {
+            fetched.extend(server.fetch_record(subscription, crm_id)?);
+        }
+    }
+    cache.enqueue(state, &fetched)?;
+    cache.set_meta(PRIMARY_TERM_KEY, &term.to_string())?;
+    cache.commit()?;
+    Ok(())
 }
 
 /// The items the queue's unmapped entries name: by stamp for a CRM change, by EntryId for an

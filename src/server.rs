@@ -37,7 +37,7 @@ use crate::summary::{SummaryError, SyncSummary};
 /// `PRAGMA application_id` of a crmsync server store ("CRMS").
 pub const SERVER_APPLICATION_ID: i32 = 0x4352_4D53;
 /// The schema version this build writes and reads (`PRAGMA user_version`).
-pub const SERVER_SCHEMA_VERSION: i32 = 1;
+pub const SERVER_SCHEMA_VERSION: i32 = 2;
 /// Largest page *get sync data* hands out.
 pub const PAGE_SIZE_MAX: usize = 10_000;
 /// Longest machine name, in bytes.
@@ -224,6 +224,10 @@ pub trait CrmService {
     ) -> Result<SubscriptionId, ServerError>;
     /// Whether `subscription`'s machine is the user's primary client: only that one syncs.
     fn is_primary_client(&self, subscription: SubscriptionId) -> Result<bool, ServerError>;
+    /// `None` for a secondary client; for the primary, its *term*: a number that changes each
+    /// time a machine becomes primary. A client that finds a term it has not synced under knows
+    /// another machine may have synced the mailbox meanwhile, and reconciles.
+    fn primary_term(&self, subscription: SubscriptionId) -> Result<Option<u64>, ServerError>;
     /// Makes `subscription`'s machine the user's primary client (an explicit, logged act).
     fn set_primary_client(&mut self, subscription: SubscriptionId) -> Result<(), ServerError>;
     /// Removes the subscription, its client row and its SyncEntry table (desynchronise).
@@ -249,6 +253,16 @@ pub trait CrmService {
         object_type: ObjectTypeCode,
         record: &Record,
     ) -> Result<VersionNumber, ServerError>;
+    /// One record as this subscription's client should hold it now, for an item stamped with
+    /// it that the client found without the server having handed it out (a rebuilt cache, a
+    /// relinked machine): a create with the record as it is when it is in the user's filter, a
+    /// delete (`Deleted`, `LeftFilter`) when it is not; `None` if it never existed. The server
+    /// notes the answer as held by the client, as an acknowledged page would.
+    fn fetch_record(
+        &mut self,
+        subscription: SubscriptionId,
+        crm_id: CrmId,
+    ) -> Result<Option<Change>, ServerError>;
     fn update_record(&mut self, crm_id: CrmId, patch: &FieldPatch) -> Result<VersionNumber, ServerError>;
     /// Deletes a record; deleting a deleted record is a success.
     fn delete_record(&mut self, crm_id: CrmId) -> Result<VersionNumber, ServerError>;
@@ -328,6 +342,13 @@ CREATE TABLE PreparedChange (
     HandedOutKind INTEGER,
     PRIMARY KEY (SubscriptionId, Seq)
 );
+";
+
+/// From version 1 to 2: a primary client's *term*, the `VersionNumber` counter when it became
+/// primary, so a client can tell that another machine may have synced since its last run.
+const MIGRATE_V1_TO_V2: &str = "
+ALTER TABLE SubscriptionClients ADD COLUMN PrimaryTerm INTEGER NOT NULL DEFAULT 0;
+UPDATE SubscriptionClients SET PrimaryTerm = 1 WHERE IsPrimaryClient = 1;
 ";
 
 /// The entity codes of calendar items, for SQL.
@@ -447,6 +468,17 @@ impl ServerStore {
         let store = ServerStore { conn, clock };
         if fresh {
             store.create_schema().map_err(sqlite)?;
+        } else {
+            let version: i32 =
+                store.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sqlite)?;
+            if version == 1 {
+                store
+                    .conn
+                    .execute_batch(&format!(
+                        "BEGIN IMMEDIATE; {MIGRATE_V1_TO_V2} PRAGMA user_version = {SERVER_SCHEMA_VERSION}; COMMIT;"
+                    ))
+                    .map_err(sqlite)?;
+            }
         }
         Ok(store)
     }
@@ -460,7 +492,7 @@ impl ServerStore {
 
     fn create_schema(&self) -> Result<(), rusqlite::Error> {
         self.conn.execute_batch(&format!(
-            "BEGIN; {SCHEMA} PRAGMA application_id = {SERVER_APPLICATION_ID}; \
+            "BEGIN; {SCHEMA} {MIGRATE_V1_TO_V2} PRAGMA application_id = {SERVER_APPLICATION_ID}; \
              PRAGMA user_version = {SERVER_SCHEMA_VERSION}; COMMIT;"
         ))
     }
@@ -700,6 +732,23 @@ impl ServerStore {
         Ok((parse_user("Subscription", &row.0)?, kind, row.2, version("Subscription", row.3)?.0))
     }
 
+    fn term(&self, id: SubscriptionId) -> Result<Option<u64>, ServerError> {
+        let row: Option<(i64, i64)> = self
+            .conn
+            .query_row(
+                "SELECT IsPrimaryClient, PrimaryTerm FROM SubscriptionClients WHERE SubscriptionId = ?1",
+                [id.to_string()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        Ok(match row {
+            Some((1, term)) => {
+                Some(u64::try_from(term).map_err(|_| corrupt("SubscriptionClients", "PrimaryTerm", term))?)
+            }
+            _ => None,
+        })
+    }
+
     fn is_primary(&self, id: SubscriptionId) -> Result<bool, ServerError> {
         let primary: Option<i64> = self
             .conn
@@ -794,9 +843,11 @@ impl CrmService for ServerStore {
                 |r| r.get(0),
             )
             .optional()?;
+        let primary = has_primary.is_none();
         self.conn.execute(
-            "INSERT INTO SubscriptionClients VALUES (?1, ?2, ?3)",
-            params![id.to_string(), machine, i64::from(has_primary.is_none())],
+            "INSERT INTO SubscriptionClients (SubscriptionId, ClientId, IsPrimaryClient, PrimaryTerm) \
+             VALUES (?1, ?2, ?3, ?4)",
+            params![id.to_string(), machine, i64::from(primary), if primary { seed.0 as i64 } else { 0 }],
         )?;
         tx.commit()?;
         Ok(id)
@@ -807,13 +858,20 @@ impl CrmService for ServerStore {
         self.is_primary(subscription)
     }
 
+    fn primary_term(&self, subscription: SubscriptionId) -> Result<Option<u64>, ServerError> {
+        self.subscription(subscription)?;
+        self.term(subscription)
+    }
+
     fn set_primary_client(&mut self, subscription: SubscriptionId) -> Result<(), ServerError> {
         let (user, kind, _, _) = self.subscription(subscription)?;
         let tx = self.conn.unchecked_transaction()?;
+        let term = self.next_version()?;
         self.conn.execute(
-            "UPDATE SubscriptionClients SET IsPrimaryClient = (SubscriptionId = ?1) WHERE SubscriptionId IN \
+            "UPDATE SubscriptionClients SET IsPrimaryClient = (SubscriptionId = ?1), \
+             PrimaryTerm = CASE WHEN SubscriptionId = ?1 THEN ?4 ELSE 0 END WHERE SubscriptionId IN \
              (SELECT SubscriptionId FROM Subscription WHERE SystemUserId = ?2 AND SubscriptionType = ?3)",
-            params![subscription.to_string(), user.to_string(), kind.code()],
+            params![subscription.to_string(), user.to_string(), kind.code(), term.0 as i64],
         )?;
         tx.commit()?;
         Ok(())
@@ -1086,6 +1144,71 @@ impl CrmService for ServerStore {
         )?;
         tx.commit()?;
         Ok(version)
+    }
+
+    fn fetch_record(
+        &mut self,
+        subscription: SubscriptionId,
+        crm_id: CrmId,
+    ) -> Result<Option<Change>, ServerError> {
+        let (user, _, table, _) = self.subscription(subscription)?;
+        let tx = self.conn.unchecked_transaction()?;
+        let change = match self.record(crm_id)? {
+            Some(record) => {
+                let role = if record.owner == user {
+                    Role::Owner
+                } else if record.object_type.is_calendar() && record.attendees.contains(&user) {
+                    Role::Attendee
+                } else {
+                    Role::Other
+                };
+                if role == Role::Other {
+                    self.conn
+                        .execute(&format!("DELETE FROM {table} WHERE ObjectId = ?1"), [crm_id.to_string()])?;
+                    let op = ChangeOp::Delete(DeleteReason::LeftFilter);
+                    Some(Change::crm(crm_id, record.object_type, record.version, op)?)
+                } else {
+                    self.conn.execute(
+                        &format!(
+                            "INSERT INTO {table} VALUES (?1, ?2, ?3, 0) ON CONFLICT (ObjectId) DO UPDATE SET \
+                             VersionNumber = ?3, State = 0"
+                        ),
+                        params![crm_id.to_string(), record.object_type.code(), record.version.0 as i64],
+                    )?;
+                    let body = Record {
+                        fields: record.fields,
+                        goid: record.goid,
+                        role,
+                        status: record.status,
+                        crm_id: None,
+                    };
+                    Some(Change::crm(crm_id, record.object_type, record.version, ChangeOp::Create(body))?)
+                }
+            }
+            None => {
+                let tomb: Option<(i64, i64)> = self
+                    .conn
+                    .query_row(
+                        "SELECT ObjectTypeCode, VersionNumber FROM Tombstone WHERE ObjectId = ?1",
+                        [crm_id.to_string()],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()?;
+                self.conn
+                    .execute(&format!("DELETE FROM {table} WHERE ObjectId = ?1"), [crm_id.to_string()])?;
+                match tomb {
+                    Some((otc, v)) => Some(Change::crm(
+                        crm_id,
+                        parse_otc("Tombstone", otc)?,
+                        version("Tombstone", v)?,
+                        ChangeOp::Delete(DeleteReason::Deleted),
+                    )?),
+                    None => None,
+                }
+            }
+        };
+        tx.commit()?;
+        Ok(change)
     }
 
     fn update_record(&mut self, crm_id: CrmId, patch: &FieldPatch) -> Result<VersionNumber, ServerError> {

@@ -23,7 +23,7 @@ use crmsync::server::{
     CrmService, ServerError, ServerStore, SubscriptionId, SubscriptionType, SyncPage, SystemUserId,
 };
 use crmsync::summary::SyncSummary;
-use crmsync::{ObjectTypeCode, Record};
+use crmsync::{Change, ObjectTypeCode, Record};
 
 use crate::fault::{FaultKind, Faults};
 
@@ -102,6 +102,10 @@ impl CrmService for SimServer<'_> {
         self.store.is_primary_client(subscription)
     }
 
+    fn primary_term(&self, subscription: SubscriptionId) -> Result<Option<u64>, ServerError> {
+        self.store.primary_term(subscription)
+    }
+
     fn set_primary_client(&mut self, subscription: SubscriptionId) -> Result<(), ServerError> {
         self.store.set_primary_client(subscription)
     }
@@ -170,6 +174,14 @@ impl CrmService for SimServer<'_> {
     ) -> Result<VersionNumber, ServerError> {
         self.reject(crm_id)?;
         self.call("create_record", |s| s.create_record(subscription, crm_id, object_type, record))
+    }
+
+    fn fetch_record(
+        &mut self,
+        subscription: SubscriptionId,
+        crm_id: CrmId,
+    ) -> Result<Option<Change>, ServerError> {
+        self.call("fetch_record", |s| s.fetch_record(subscription, crm_id))
     }
 
     fn update_record(&mut self, crm_id: CrmId, patch: &FieldPatch) -> Result<VersionNumber, ServerError> {

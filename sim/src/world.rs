@@ -593,7 +593,7 @@ impl World {
         self.log(&who, what, &outcome);
         self.watch(m);
         self.observe(u)?;
-        check::after_run(self, m)?;
+        check::after_run(self, m, result.is_ok())?;
         Ok(changed)
     }
 

@@ -147,6 +147,7 @@ impl SyncCache {
         }
         conn.pragma_update(None, "journal_mode", "WAL").map_err(sqlite)?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(sqlite)?;
+        conn.set_prepared_statement_cache_capacity(64);
         let cache = SyncCache { conn, in_group: false };
         if fresh {
             cache.create_schema().map_err(sqlite)?;
@@ -158,7 +159,9 @@ impl SyncCache {
 
     /// A cache in memory (tests, the simulator).
     pub fn in_memory() -> Result<SyncCache, rusqlite::Error> {
-        let cache = SyncCache { conn: Connection::open_in_memory()?, in_group: false };
+        let conn = Connection::open_in_memory()?;
+        conn.set_prepared_statement_cache_capacity(64);
+        let cache = SyncCache { conn, in_group: false };
         cache.create_schema()?;
         Ok(cache)
     }
@@ -177,8 +180,9 @@ impl SyncCache {
     /// Reads the whole state: queue, mapping and ignored errors, each row validated.
     pub fn load(&self) -> Result<SyncState, CacheError> {
         let mut state = SyncState::default();
-        let mut stmt =
-            self.conn.prepare("SELECT Id, Change, Attempts, LastError FROM OutlookSyncTable ORDER BY Id")?;
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT Id, Change, Attempts, LastError FROM OutlookSyncTable ORDER BY Id")?;
         let rows = stmt.query_map([], |r| {
             Ok((
                 r.get::<_, i64>(0)?,
@@ -191,7 +195,7 @@ impl SyncCache {
             let (id, change, attempts, last_error) = row?;
             state.queue.insert(queue_entry("OutlookSyncTable", id, &change, attempts, last_error)?)?;
         }
-        let mut stmt = self.conn.prepare(
+        let mut stmt = self.conn.prepare_cached(
             "SELECT CrmId, EntryId, ObjectTypeCode, Base, Goid, Role, Status, CrmVersion FROM IdMappingTable \
              ORDER BY CrmId",
         )?;
@@ -235,7 +239,7 @@ impl SyncCache {
         }
         let mut stmt = self
             .conn
-            .prepare("SELECT Id, Change, Attempts, LastError, Error FROM IgnoredErrors ORDER BY Id")?;
+            .prepare_cached("SELECT Id, Change, Attempts, LastError, Error FROM IgnoredErrors ORDER BY Id")?;
         let rows = stmt.query_map([], |r| {
             Ok((
                 r.get::<_, i64>(0)?,

@@ -351,6 +351,10 @@ ALTER TABLE SubscriptionClients ADD COLUMN PrimaryTerm INTEGER NOT NULL DEFAULT 
 UPDATE SubscriptionClients SET PrimaryTerm = 1 WHERE IsPrimaryClient = 1;
 ";
 
+/// Prepared statements kept per connection: every statement the store runs, with one set per
+/// SyncEntry table in use (rusqlite's default of 16 made every run parse its SQL again).
+const STATEMENT_CACHE_CAPACITY: usize = 256;
+
 /// The entity codes of calendar items, for SQL.
 const CALENDAR_CODES: &str = "4201, 4214, 4251";
 
@@ -465,6 +469,7 @@ impl ServerStore {
         }
         conn.pragma_update(None, "journal_mode", "WAL").map_err(sqlite)?;
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(sqlite)?;
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
         let store = ServerStore { conn, clock };
         if fresh {
             store.create_schema().map_err(sqlite)?;
@@ -485,7 +490,9 @@ impl ServerStore {
 
     /// A store in memory (tests, the simulator).
     pub fn in_memory(clock: Box<dyn Clock>) -> Result<ServerStore, rusqlite::Error> {
-        let store = ServerStore { conn: Connection::open_in_memory()?, clock };
+        let conn = Connection::open_in_memory()?;
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
+        let store = ServerStore { conn, clock };
         store.create_schema()?;
         Ok(store)
     }
@@ -587,19 +594,49 @@ impl ServerStore {
     /// The live records in `user`'s sync filter (owned, or appointments attended), in `CrmId`
     /// order: what a converged client of that user holds (checks, the simulator).
     pub fn records_in_filter(&self, user: SystemUserId) -> Result<Vec<ServerRecord>, ServerError> {
-        let ids: Vec<String> = {
-            let mut stmt = self.conn.prepare_cached(&format!(
-                "SELECT r.ObjectId FROM Record r WHERE r.OwnerId = ?1 OR (r.ObjectTypeCode IN ({CALENDAR_CODES}) \
-                 AND EXISTS (SELECT 1 FROM Attendee a WHERE a.ObjectId = r.ObjectId AND a.SystemUserId = ?1)) \
-                 ORDER BY r.ObjectId"
-            ))?;
-            stmt.query_map([user.to_string()], |r| r.get(0))?.collect::<Result<_, _>>()?
-        };
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            if let Some(record) = self.record(parse_crm_id("Record", &id)?)? {
-                out.push(record);
-            }
+        // One query (checks run it after every simulated sync): attendees folded in with
+        // group_concat, ids being fixed-width GUIDs with no comma in them.
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT r.ObjectId, r.ObjectTypeCode, r.OwnerId, r.VersionNumber, r.Fields, r.GlobalObjectId, \
+                    r.StateCode, (SELECT group_concat(a.SystemUserId) FROM \
+                        (SELECT SystemUserId FROM Attendee WHERE ObjectId = r.ObjectId ORDER BY 1) a) \
+             FROM Record r WHERE r.OwnerId = ?1 OR (r.ObjectTypeCode IN ({CALENDAR_CODES}) \
+                AND EXISTS (SELECT 1 FROM Attendee a WHERE a.ObjectId = r.ObjectId AND a.SystemUserId = ?1)) \
+             ORDER BY r.ObjectId"
+        ))?;
+        let rows = stmt.query_map([user.to_string()], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, Option<String>>(5)?,
+                r.get::<_, i64>(6)?,
+                r.get::<_, Option<String>>(7)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, otc, owner, v, fields, goid, state, attendees) = row?;
+            out.push(ServerRecord {
+                crm_id: parse_crm_id("Record", &id)?,
+                object_type: parse_otc("Record", otc)?,
+                owner: parse_user("Record", &owner)?,
+                version: version("Record", v)?,
+                fields: serde_json::from_str(&fields).map_err(|_| corrupt("Record", "Fields", &fields))?,
+                goid: goid
+                    .map(|g| {
+                        GlobalObjectId::from_hex(&g).map_err(|_| corrupt("Record", "GlobalObjectId", &g))
+                    })
+                    .transpose()?,
+                status: status_from_code(state)?,
+                attendees: attendees
+                    .as_deref()
+                    .map(|a| a.split(',').map(|u| parse_user("Attendee", u)).collect::<Result<Vec<_>, _>>())
+                    .transpose()?
+                    .unwrap_or_default(),
+            });
         }
         Ok(out)
     }

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crmsync::ids::{CrmId, EntryId};
 use crmsync::mailbox::{Mailbox, MailboxItem, Tracking};
-use crmsync::server::CrmService;
+use crmsync::server::{CrmService, ServerRecord};
 use crmsync::settle::SyncState;
 use crmsync::{ChangeOp, RecordKey};
 
@@ -51,13 +51,18 @@ fn items(w: &World, u: usize) -> Result<Vec<MailboxItem>, Violation> {
 /// A run that stopped (crash, network) may leave a pair half-applied (an item untracked whose
 /// pair the cache still holds): that is checked only after a run that completed, which must
 /// have repaired it.
-pub fn after_run(w: &World, m: usize, completed: bool) -> Result<(), Violation> {
+pub fn after_run(
+    w: &World,
+    m: usize,
+    completed: bool,
+    items: &[MailboxItem],
+    records: &[ServerRecord],
+) -> Result<(), Violation> {
     let u = w.machine_user(m);
-    let items = items(w, u)?;
     // No two items carry one stamp; no two linked items share a GOID (a duplicate meeting).
     let mut stamps = BTreeMap::new();
     let mut goids = BTreeMap::new();
-    for item in &items {
+    for item in items {
         if let Some(stamp) = item.stamp() {
             if let Some(other) = stamps.insert(stamp, &item.entry_id) {
                 return fail(
@@ -76,10 +81,8 @@ pub fn after_run(w: &World, m: usize, completed: bool) -> Result<(), Violation> 
         }
     }
     // No two records in the user's filter share a GOID (a duplicate meeting in CRM).
-    let records =
-        w.server().records_in_filter(w.user_id(u)).map_err(|e| w.violation(format!("server: {e}")))?;
     let mut goids = BTreeMap::new();
-    for r in &records {
+    for r in records {
         if let Some(goid) = &r.goid {
             if let Some(other) = goids.insert(goid.clone(), r.crm_id) {
                 return fail(w, format!("records {other} and {} share a GOID", r.crm_id));
@@ -106,8 +109,9 @@ pub fn after_run(w: &World, m: usize, completed: bool) -> Result<(), Violation> 
         }
     }
     // The primary's mapping links items that carry the mapped stamp.
-    let primary = w.server().is_primary_client(w.subscription(m)).unwrap_or(false);
+    // The cache must load (and be a bijection) after every run, crashed or not.
     let state = load(w, m)?;
+    let primary = w.server().is_primary_client(w.subscription(m)).unwrap_or(false);
     if primary && completed {
         let by_entry: BTreeMap<&EntryId, &MailboxItem> = items.iter().map(|i| (&i.entry_id, i)).collect();
         for entry in state.mapping.entries() {

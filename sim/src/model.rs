@@ -45,6 +45,10 @@ struct EditAt {
     at: u64,
     /// When its value was first seen at each other place.
     arrived: BTreeMap<Place, u64>,
+    /// Withdrawn by a policy (its copy was deleted, or its record left the user's filter, or
+    /// was deleted in CRM before the edit reached anyone): not required in the final state, and
+    /// tolerated there only if no required edit knew of it.
+    withdrawn: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -157,7 +161,7 @@ impl Model {
             }
         }
         let by_place = self.edits.entry((h, field.to_owned())).or_default();
-        by_place.insert(place, EditAt { value, at, arrived: BTreeMap::new() });
+        by_place.insert(place, EditAt { value, at, arrived: BTreeMap::new(), withdrawn: false });
     }
 
     /// `h` left `user`'s filter: the user's edits that have not reached CRM stay in the
@@ -187,12 +191,24 @@ impl Model {
         self.withdraw_unsent(h, user);
     }
 
+    /// `h` was deleted in CRM. If an Outlook update wins over the delete, the record comes back
+    /// as that copy holds it (DOMAIN: "the deleted side gets the record back"), so CRM edits
+    /// that had reached no Outlook copy go with the delete.
+    pub fn deleted_in_crm(&mut self, h: Handle) {
+        self.handles[h].unprotected = true;
+        for (_, by_place) in self.edits.range_mut((h, String::new())..(h + 1, String::new())) {
+            if let Some(e) = by_place.get_mut(&Place::Crm).filter(|e| e.arrived.is_empty()) {
+                e.withdrawn = true;
+            }
+        }
+    }
+
     fn withdraw_unsent(&mut self, h: Handle, user: usize) {
         for (_, by_place) in self.edits.range_mut((h, String::new())..(h + 1, String::new())) {
-            let reached_crm =
-                by_place.get(&Place::Outlook(user)).is_some_and(|e| e.arrived.contains_key(&Place::Crm));
-            if !reached_crm {
-                by_place.remove(&Place::Outlook(user));
+            if let Some(e) =
+                by_place.get_mut(&Place::Outlook(user)).filter(|e| !e.arrived.contains_key(&Place::Crm))
+            {
+                e.withdrawn = true;
             }
         }
     }
@@ -220,24 +236,43 @@ impl Model {
         let knew = |b_place: Place, b: &EditAt, a_place: Place, a: &EditAt| {
             if a_place == b_place { a.at < b.at } else { a.arrived.get(&b_place).is_some_and(|&t| t < b.at) }
         };
+        let dominated = |pa: Place, a: &EditAt, only_required: bool| {
+            by_place.iter().any(|(pb, b)| {
+                (*pb, b.at) != (pa, a.at) && !(only_required && b.withdrawn) && knew(*pb, b, pa, a)
+            })
+        };
         let maximal: Vec<(Place, &EditAt)> = by_place
             .iter()
-            .filter(|(pa, a)| {
-                !by_place.iter().any(|(pb, b)| (*pb, b.at) != (**pa, a.at) && knew(*pb, b, **pa, a))
-            })
+            .filter(|(pa, a)| !a.withdrawn && !dominated(**pa, a, true))
             .map(|(p, e)| (*p, e))
+            .collect();
+        let tolerated: Vec<String> = by_place
+            .iter()
+            .filter(|(pa, a)| a.withdrawn && !dominated(**pa, a, true))
+            .map(|(_, e)| e.value.clone())
             .collect();
         let crm = maximal.iter().find(|(p, _)| *p == Place::Crm).map(|(_, e)| e.value.clone());
         let outlook: Vec<String> =
             maximal.iter().filter(|(p, _)| *p != Place::Crm).map(|(_, e)| e.value.clone()).collect();
-        Some(match (policy, crm, outlook.as_slice()) {
-            (_, Some(c), []) => Expect::Value(c),
-            (_, None, [o]) => Expect::Value(o.clone()),
-            (FieldConflictPolicy::CrmWins, Some(c), _) => Expect::Value(c),
-            (FieldConflictPolicy::OutlookWins, _, [o]) => Expect::Value(o.clone()),
-            (FieldConflictPolicy::OutlookWins, _, os) if !os.is_empty() => Expect::OneOf(os.to_vec()),
-            (_, c, os) => Expect::OneOf(c.into_iter().chain(os.iter().cloned()).collect()),
-        })
+        let expect = match (policy, crm, outlook.as_slice()) {
+            (_, None, []) => None,
+            (_, Some(c), []) => Some(Expect::Value(c)),
+            (_, None, [o]) => Some(Expect::Value(o.clone())),
+            (FieldConflictPolicy::CrmWins, Some(c), _) => Some(Expect::Value(c)),
+            (FieldConflictPolicy::OutlookWins, _, [o]) => Some(Expect::Value(o.clone())),
+            (FieldConflictPolicy::OutlookWins, _, os) => Some(Expect::OneOf(os.to_vec())),
+            (_, c, os) => Some(Expect::OneOf(c.into_iter().chain(os.iter().cloned()).collect())),
+        };
+        match (expect, tolerated.is_empty()) {
+            (expect, true) => expect,
+            (None, false) => Some(Expect::OneOf(tolerated)),
+            (Some(Expect::Value(v)), false) => {
+                Some(Expect::OneOf(std::iter::once(v).chain(tolerated).collect()))
+            }
+            (Some(Expect::OneOf(vs)), false) => {
+                Some(Expect::OneOf(vs.into_iter().chain(tolerated).collect()))
+            }
+        }
     }
 }
 

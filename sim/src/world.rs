@@ -592,8 +592,17 @@ impl World {
         let what = if ignore { "sync(ignore)" } else { "sync" };
         self.log(&who, what, &outcome);
         self.watch(m);
-        self.observe(u)?;
-        check::after_run(self, m, result.is_ok())?;
+        if matches!(&result, Ok(report) if !report.primary) {
+            // A secondary run reads and writes nothing: nothing to observe or check.
+            return Ok(false);
+        }
+        let items = self.users[u].mailbox.all_items().map_err(|e| self.violation(format!("mailbox: {e}")))?;
+        let records = self
+            .server
+            .records_in_filter(self.users[u].id)
+            .map_err(|e| self.violation(format!("server: {e}")))?;
+        self.observe(u, &items, &records);
+        check::after_run(self, m, result.is_ok(), &items, &records)?;
         Ok(changed)
     }
 
@@ -631,26 +640,21 @@ impl World {
     }
 
     /// Learns links from stamps and records where edits' values have arrived.
-    fn observe(&mut self, u: usize) -> Result<(), Violation> {
+    fn observe(&mut self, u: usize, items: &[MailboxItem], records: &[ServerRecord]) {
         let at = self.at;
-        let items = self.users[u].mailbox.all_items().map_err(|e| self.violation(format!("mailbox: {e}")))?;
-        for item in &items {
+        for item in items {
             if let Some(stamp) = item.stamp() {
                 self.model.learn_link(u, &item.entry_id, stamp);
             }
         }
-        let records = self
-            .server
-            .records_in_filter(self.users[u].id)
-            .map_err(|e| self.violation(format!("server: {e}")))?;
-        for r in &records {
+        for r in records {
             if let Some(h) = self.model.handle_of_crm_id(r.crm_id) {
                 for f in self.model.fields_of(h) {
                     self.model.observe(h, &f, Place::Crm, r.fields.get(&f), at);
                 }
             }
         }
-        for item in &items {
+        for item in items {
             let h = match item.stamp() {
                 Some(stamp) => self.model.handle_of_crm_id(stamp),
                 None => self.model.handle_of_item(u, &item.entry_id),
@@ -661,7 +665,6 @@ impl World {
                 }
             }
         }
-        Ok(())
     }
 
     /// An actor's edit: in CRM or in Outlook, for user `u`.
@@ -697,7 +700,7 @@ impl World {
             }
             (70..80, Some(h)) => {
                 self.server.delete_record(record.crm_id)?;
-                self.model.unprotect(h);
+                self.model.deleted_in_crm(h);
                 self.log(&who, "delete", &record.crm_id.to_string());
                 Ok(())
             }

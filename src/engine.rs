@@ -563,7 +563,12 @@ fn apply<S: CrmService, M: Mailbox>(
             let version = if to_crm.is_empty() {
                 Ok(None)
             } else {
-                server_write(server.update_record(*crm_id, to_crm)).map(Some)
+                // The new version becomes the pair's known version only if the patch was written
+                // over the version this plan knew; if someone wrote in between, their change
+                // must still come back as a change, not be dropped as stale.
+                let known = pending(&action.link).and_then(|p| p.crm_version);
+                server_write(server.update_record(*crm_id, to_crm))
+                    .map(|u| if Some(u.previous) == known { Some(u.version) } else { None })
             };
             version.and_then(|v| {
                 if !to_outlook.is_empty() {

@@ -229,8 +229,9 @@ pub enum CoalesceError {
 ///
 /// create+update = create with the latest fields; update+update = the latest update; create+delete
 /// = `CreatedThenDeleted`; update+delete = delete; anything after a delete is an error. A change
-/// repeated with the same stamp (at-least-once delivery) is folded in once; a CRM change with the
-/// same `VersionNumber` as another but a different content is an error.
+/// repeated with the same stamp (at-least-once delivery) is folded in once, also when one CRM
+/// version came once as a create and once as an update; a CRM change with the same
+/// `VersionNumber` as another but a different content is an error.
 pub fn coalesce<'q>(entries: &[&'q QueueEntry]) -> Result<Coalesced<'q>, CoalesceError> {
     let first = entries.first().ok_or(CoalesceError::Empty)?;
     let key = first.change.key();
@@ -281,6 +282,16 @@ pub fn coalesce<'q>(entries: &[&'q QueueEntry]) -> Result<Coalesced<'q>, Coalesc
         if change.stamp() == prev.change.stamp() {
             if change.op() == prev.change.op() {
                 continue; // the same change delivered again
+            }
+            // One CRM version handed out once as a create and once as an update (the server's
+            // view of what the client holds changed between the two: a lost acknowledge, a
+            // rebuilt cache): the same record, folded in once.
+            if let (ChangeStamp::Crm(_), Some(a), Some(b)) =
+                (change.stamp(), change.record(), prev.change.record())
+            {
+                if a == b {
+                    continue;
+                }
             }
             if let ChangeStamp::Crm(version) = change.stamp() {
                 return Err(CoalesceError::ConflictingDuplicate {

@@ -263,9 +263,20 @@ pub trait CrmService {
         subscription: SubscriptionId,
         crm_id: CrmId,
     ) -> Result<Option<Change>, ServerError>;
-    fn update_record(&mut self, crm_id: CrmId, patch: &FieldPatch) -> Result<VersionNumber, ServerError>;
+    /// Writes `patch` over the record. The answer says which version the patch was written
+    /// over: a client that last knew another one learns that someone else wrote in between.
+    fn update_record(&mut self, crm_id: CrmId, patch: &FieldPatch) -> Result<Updated, ServerError>;
     /// Deletes a record; deleting a deleted record is a success.
     fn delete_record(&mut self, crm_id: CrmId) -> Result<VersionNumber, ServerError>;
+}
+
+/// What [`CrmService::update_record`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Updated {
+    /// The record's version now.
+    pub version: VersionNumber,
+    /// Its version just before the write (equal to `version` when nothing changed).
+    pub previous: VersionNumber,
 }
 
 /// One record as the server holds it.
@@ -1248,13 +1259,15 @@ impl CrmService for ServerStore {
         Ok(change)
     }
 
-    fn update_record(&mut self, crm_id: CrmId, patch: &FieldPatch) -> Result<VersionNumber, ServerError> {
+    fn update_record(&mut self, crm_id: CrmId, patch: &FieldPatch) -> Result<Updated, ServerError> {
         let record = self.existing(crm_id)?;
+        let previous = record.version;
         let fields = patch.apply(&record.fields)?;
         if fields == record.fields {
-            return Ok(record.version);
+            return Ok(Updated { version: previous, previous });
         }
-        self.put_record(&ServerRecord { fields, ..record })
+        let version = self.put_record(&ServerRecord { fields, ..record })?;
+        Ok(Updated { version, previous })
     }
 
     fn delete_record(&mut self, crm_id: CrmId) -> Result<VersionNumber, ServerError> {

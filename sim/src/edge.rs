@@ -20,7 +20,7 @@ use crmsync::mailbox::{
     ChangePage, Mailbox, MailboxCursor, MailboxError, MailboxItem, MemoryMailbox, NewItem,
 };
 use crmsync::server::{
-    CrmService, ServerError, ServerStore, SubscriptionId, SubscriptionType, SyncPage, SystemUserId,
+    CrmService, ServerError, ServerStore, SubscriptionId, SubscriptionType, SyncPage, SystemUserId, Updated,
 };
 use crmsync::summary::SyncSummary;
 use crmsync::{Change, ObjectTypeCode, Record};
@@ -184,7 +184,7 @@ impl CrmService for SimServer<'_> {
         self.call("fetch_record", |s| s.fetch_record(subscription, crm_id))
     }
 
-    fn update_record(&mut self, crm_id: CrmId, patch: &FieldPatch) -> Result<VersionNumber, ServerError> {
+    fn update_record(&mut self, crm_id: CrmId, patch: &FieldPatch) -> Result<Updated, ServerError> {
         self.reject(crm_id)?;
         self.call("update_record", |s| s.update_record(crm_id, patch))
     }

@@ -635,6 +635,9 @@ impl World {
         if let Ok(Some(e)) = self.users[u].mailbox.find_by_stamp(id) {
             seen.push(format!("item {e} stamped"));
         }
+        if let Ok(Some(r)) = self.server.record(id) {
+            seen.push(format!("server v{} {:?}", r.version.0, r.fields));
+        }
         let name = self.machines[m].name.clone();
         self.log(&name, "watch", &format!("{id}: {}", seen.join("; ")));
     }

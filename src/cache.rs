@@ -311,6 +311,20 @@ impl SyncCache {
         })
     }
 
+    /// Drops queue entries (in `state` and the file) that will be read again from their side.
+    pub fn drop_entries(&mut self, state: &mut SyncState, ids: &[QueueId]) -> Result<(), CacheError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.step(|conn| {
+            for &id in ids {
+                state.queue.remove(id);
+                write_queue_row(conn, state, id)?;
+            }
+            Ok(())
+        })
+    }
+
     /// Forgets the links `crm_ids` (in `state` and the file): pairs another machine unlinked.
     pub fn forget_links(&mut self, state: &mut SyncState, crm_ids: &[CrmId]) -> Result<(), CacheError> {
         if crm_ids.is_empty() {

@@ -448,7 +448,26 @@ fn reconcile<S: CrmService, M: Mailbox>(
             RecordKey::Outlook(_) => None,
         })
         .collect();
+    // Queued Outlook changes are snapshots of items taken when they were queued; while this
+    // machine was not primary another one may have synced those items since. Drop them and
+    // read the mailbox's log again from the start: every change comes back with its item as it
+    // is now. A create whose item is still pending keeps its entry: it holds the CrmId chosen
+    // for it, the create's idempotency key (its record may already exist).
+    let pending: std::collections::BTreeSet<&EntryId> =
+        items.iter().filter(|i| i.tracking == Tracking::Pending).map(|i| &i.entry_id).collect();
+    let mut snapshots: Vec<crate::queue::QueueId> = state
+        .queue
+        .iter_unordered()
+        .filter(|e| match e.change.key() {
+            RecordKey::Outlook(entry_id) => !pending.contains(entry_id),
+            RecordKey::Crm(_) => false,
+        })
+        .map(|e| e.id)
+        .collect();
+    snapshots.sort_unstable();
     cache.begin()?;
+    cache.drop_entries(state, &snapshots)?;
+    cache.set_meta(MAILBOX_CURSOR_KEY, &MailboxCursor::START.0.to_string())?;
     cache.forget_links(state, &stale)?;
     let held: std::collections::BTreeSet<CrmId> = state.mapping.iter_unordered().map(|m| m.crm_id).collect();
     let restored = links_kept_on_items(state, items.iter());

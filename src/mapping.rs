@@ -60,11 +60,34 @@ pub enum MappingError {
 }
 
 /// The `IdMappingTable`. Lookups by `CrmId`, `EntryId` and `GlobalObjectId`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+///
+/// Layout: the entries sit in one vector (`slots`, in the order they were first linked, a removed
+/// entry's slot reused by the next link); `by_crm` points a `CrmId` at its slot, so the index a
+/// lookup hashes into is small (an id and a number per pair) and the entries themselves are read
+/// in the order they were made. `by_entry` and `by_goid` map back to the `CrmId`.
+#[derive(Clone, Default)]
 pub struct Mapping {
-    by_crm: IdMap<CrmId, MappingEntry>,
+    slots: Vec<Option<MappingEntry>>,
+    /// Empty slots, reused last-freed first.
+    free: Vec<u32>,
+    by_crm: IdMap<CrmId, u32>,
     by_entry: IdMap<EntryId, CrmId>,
     by_goid: IdMap<GlobalObjectId, CrmId>,
+}
+
+impl PartialEq for Mapping {
+    /// Equal when they hold the same pairs, wherever each sits.
+    fn eq(&self, other: &Mapping) -> bool {
+        self.len() == other.len() && self.iter_unordered().all(|e| other.get(e.crm_id) == Some(e))
+    }
+}
+
+impl Eq for Mapping {}
+
+impl std::fmt::Debug for Mapping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mapping").field("entries", &self.entries()).finish()
+    }
 }
 
 impl Mapping {
@@ -74,7 +97,7 @@ impl Mapping {
 
     /// Adds a pair; refuses one that would break the bijection.
     pub fn insert(&mut self, entry: MappingEntry) -> Result<(), MappingError> {
-        if let Some(old) = self.by_crm.get(&entry.crm_id) {
+        if let Some(old) = self.get(entry.crm_id) {
             return Err(MappingError::CrmIdTaken { crm_id: entry.crm_id, entry_id: old.entry_id.clone() });
         }
         if let Some(crm_id) = self.by_entry.get(&entry.entry_id) {
@@ -95,7 +118,7 @@ impl Mapping {
     /// produces no other collision (property-tested).
     pub(crate) fn link(&mut self, entry: MappingEntry) -> Vec<MappingEntry> {
         // The common case, a held pair with a new base: update it in place.
-        if let Some(old) = self.by_crm.get_mut(&entry.crm_id) {
+        if let Some(old) = self.get_mut(entry.crm_id) {
             if old.entry_id == entry.entry_id && old.goid == entry.goid {
                 *old = entry;
                 return Vec::new();
@@ -120,25 +143,58 @@ impl Mapping {
         displaced
     }
 
+    /// Stores a pair that collides with none.
     fn put(&mut self, entry: MappingEntry) {
         self.by_entry.insert(entry.entry_id.clone(), entry.crm_id);
         if let Some(goid) = &entry.goid {
             self.by_goid.insert(goid.clone(), entry.crm_id);
         }
-        self.by_crm.insert(entry.crm_id, entry);
+        let crm_id = entry.crm_id;
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot as usize] = Some(entry);
+                slot
+            }
+            None => {
+                // At most 2^32 - 1 pairs: far past any mailbox (and memory).
+                let slot = u32::try_from(self.slots.len()).expect("fewer than 2^32 mapped pairs");
+                self.slots.push(Some(entry));
+                slot
+            }
+        };
+        self.by_crm.insert(crm_id, slot);
     }
 
     pub fn remove(&mut self, crm_id: CrmId) -> Option<MappingEntry> {
-        let old = self.by_crm.remove(&crm_id)?;
+        let slot = self.by_crm.remove(&crm_id)?;
+        let old = self.slots[slot as usize].take()?;
+        self.free.push(slot);
         self.by_entry.remove(&old.entry_id);
         if let Some(goid) = &old.goid {
             self.by_goid.remove(goid);
         }
+        if self.free.len() > 64 && self.free.len() > 2 * self.by_crm.len() {
+            self.compact();
+        }
         Some(old)
     }
 
+    /// Drops the empty slots and re-points the index.
+    fn compact(&mut self) {
+        self.slots.retain(Option::is_some);
+        self.free.clear();
+        for (slot, entry) in self.slots.iter().flatten().enumerate() {
+            self.by_crm.insert(entry.crm_id, slot as u32);
+        }
+    }
+
+    fn get_mut(&mut self, crm_id: CrmId) -> Option<&mut MappingEntry> {
+        let slot = *self.by_crm.get(&crm_id)?;
+        self.slots[slot as usize].as_mut()
+    }
+
     pub fn get(&self, crm_id: CrmId) -> Option<&MappingEntry> {
-        self.by_crm.get(&crm_id)
+        self.slots[*self.by_crm.get(&crm_id)? as usize].as_ref()
     }
 
     pub fn crm_id_of(&self, entry_id: &EntryId) -> Option<CrmId> {
@@ -159,12 +215,12 @@ impl Mapping {
 
     /// The entries in no particular order (callers that need an order sort).
     pub fn iter_unordered(&self) -> impl Iterator<Item = &MappingEntry> {
-        self.by_crm.values()
+        self.slots.iter().flatten()
     }
 
     /// The entries in `CrmId` order.
     pub fn entries(&self) -> Vec<&MappingEntry> {
-        let mut all: Vec<&MappingEntry> = self.by_crm.values().collect();
+        let mut all: Vec<&MappingEntry> = self.iter_unordered().collect();
         all.sort_unstable_by_key(|e| e.crm_id);
         all
     }
@@ -174,11 +230,17 @@ impl Mapping {
         if self.by_entry.len() != self.by_crm.len() {
             return Err(format!("{} CrmIds but {} EntryIds", self.by_crm.len(), self.by_entry.len()));
         }
-        let goids = self.by_crm.values().filter(|e| e.goid.is_some()).count();
+        if self.slots.iter().flatten().count() != self.by_crm.len() {
+            return Err(format!("{} CrmIds indexed but {} entries", self.by_crm.len(), self.len()));
+        }
+        let goids = self.iter_unordered().filter(|e| e.goid.is_some()).count();
         if goids != self.by_goid.len() {
             return Err(format!("{goids} entries with a GOID but {} in the index", self.by_goid.len()));
         }
-        for e in self.by_crm.values() {
+        for e in self.iter_unordered() {
+            if self.get(e.crm_id) != Some(e) {
+                return Err(format!("{} is not indexed to its slot", e.crm_id));
+            }
             if self.by_entry.get(&e.entry_id) != Some(&e.crm_id) {
                 return Err(format!("{} -> {} has no way back", e.crm_id, e.entry_id));
             }

@@ -46,6 +46,24 @@ impl MappingEntry<Option<EntryId>> {
             crm_version: self.crm_version,
         })
     }
+
+    /// [`resolve`](Self::resolve), moving the entry instead of cloning it.
+    pub fn into_resolved(self, found: Option<&EntryId>) -> Option<MappingEntry> {
+        let entry_id = match self.entry_id {
+            Some(own) => own,
+            None => found?.clone(),
+        };
+        Some(MappingEntry {
+            crm_id: self.crm_id,
+            entry_id,
+            object_type: self.object_type,
+            base: self.base,
+            goid: self.goid,
+            role: self.role,
+            status: self.status,
+            crm_version: self.crm_version,
+        })
+    }
 }
 
 /// Why a mapping entry was refused.

@@ -85,12 +85,30 @@ pub enum MappingError {
 /// in the order they were made. `by_entry` and `by_goid` map back to the `CrmId`.
 #[derive(Clone, Default)]
 pub struct Mapping {
-    slots: Vec<Option<MappingEntry>>,
-    /// Empty slots, reused last-freed first.
-    free: Vec<u32>,
+    slots: Vec<Slot>,
+    /// The last emptied slot, which names the one emptied before it (reused last-freed first).
+    free: Option<u32>,
+    /// How many slots are empty.
+    free_len: usize,
     by_crm: IdMap<CrmId, u32>,
     by_entry: IdMap<EntryId, CrmId>,
     by_goid: IdMap<GlobalObjectId, CrmId>,
+}
+
+/// A place in `Mapping::slots`: a pair, or empty and naming the next empty one.
+#[derive(Clone)]
+enum Slot {
+    Used(MappingEntry),
+    Free { next: Option<u32> },
+}
+
+impl Slot {
+    fn used(&self) -> Option<&MappingEntry> {
+        match self {
+            Slot::Used(entry) => Some(entry),
+            Slot::Free { .. } => None,
+        }
+    }
 }
 
 impl PartialEq for Mapping {
@@ -168,15 +186,21 @@ impl Mapping {
             self.by_goid.insert(goid.clone(), entry.crm_id);
         }
         let crm_id = entry.crm_id;
-        let slot = match self.free.pop() {
+        let slot = match self.free {
             Some(slot) => {
-                self.slots[slot as usize] = Some(entry);
+                let Slot::Free { next } =
+                    std::mem::replace(&mut self.slots[slot as usize], Slot::Used(entry))
+                else {
+                    unreachable!("the free list names only empty slots")
+                };
+                self.free = next;
+                self.free_len -= 1;
                 slot
             }
             None => {
                 // At most 2^32 - 1 pairs: far past any mailbox (and memory).
                 let slot = u32::try_from(self.slots.len()).expect("fewer than 2^32 mapped pairs");
-                self.slots.push(Some(entry));
+                self.slots.push(Slot::Used(entry));
                 slot
             }
         };
@@ -185,13 +209,17 @@ impl Mapping {
 
     pub fn remove(&mut self, crm_id: CrmId) -> Option<MappingEntry> {
         let slot = self.by_crm.remove(&crm_id)?;
-        let old = self.slots[slot as usize].take()?;
-        self.free.push(slot);
+        let freed = Slot::Free { next: self.free };
+        let Slot::Used(old) = std::mem::replace(&mut self.slots[slot as usize], freed) else {
+            unreachable!("the index names only used slots")
+        };
+        self.free = Some(slot);
+        self.free_len += 1;
         self.by_entry.remove(&old.entry_id);
         if let Some(goid) = &old.goid {
             self.by_goid.remove(goid);
         }
-        if self.free.len() > 64 && self.free.len() > 2 * self.by_crm.len() {
+        if self.free_len > 64 && self.free_len > 2 * self.by_crm.len() {
             self.compact();
         }
         Some(old)
@@ -199,20 +227,24 @@ impl Mapping {
 
     /// Drops the empty slots and re-points the index.
     fn compact(&mut self) {
-        self.slots.retain(Option::is_some);
-        self.free.clear();
-        for (slot, entry) in self.slots.iter().flatten().enumerate() {
+        self.slots.retain(|slot| matches!(slot, Slot::Used(_)));
+        self.free = None;
+        self.free_len = 0;
+        for (slot, entry) in self.slots.iter().filter_map(Slot::used).enumerate() {
             self.by_crm.insert(entry.crm_id, slot as u32);
         }
     }
 
     fn get_mut(&mut self, crm_id: CrmId) -> Option<&mut MappingEntry> {
         let slot = *self.by_crm.get(&crm_id)?;
-        self.slots[slot as usize].as_mut()
+        match &mut self.slots[slot as usize] {
+            Slot::Used(entry) => Some(entry),
+            Slot::Free { .. } => None,
+        }
     }
 
     pub fn get(&self, crm_id: CrmId) -> Option<&MappingEntry> {
-        self.slots[*self.by_crm.get(&crm_id)? as usize].as_ref()
+        self.slots[*self.by_crm.get(&crm_id)? as usize].used()
     }
 
     pub fn crm_id_of(&self, entry_id: &EntryId) -> Option<CrmId> {
@@ -233,7 +265,7 @@ impl Mapping {
 
     /// The entries in no particular order (callers that need an order sort).
     pub fn iter_unordered(&self) -> impl Iterator<Item = &MappingEntry> {
-        self.slots.iter().flatten()
+        self.slots.iter().filter_map(Slot::used)
     }
 
     /// The entries in `CrmId` order.
@@ -248,7 +280,7 @@ impl Mapping {
         if self.by_entry.len() != self.by_crm.len() {
             return Err(format!("{} CrmIds but {} EntryIds", self.by_crm.len(), self.by_entry.len()));
         }
-        if self.slots.iter().flatten().count() != self.by_crm.len() {
+        if self.iter_unordered().count() != self.by_crm.len() {
             return Err(format!("{} CrmIds indexed but {} entries", self.by_crm.len(), self.len()));
         }
         let goids = self.iter_unordered().filter(|e| e.goid.is_some()).count();
@@ -285,5 +317,51 @@ impl<'de> Deserialize<'de> for Mapping {
             mapping.insert(entry).map_err(serde::de::Error::custom)?;
         }
         Ok(mapping)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(n: u128) -> MappingEntry {
+        MappingEntry {
+            crm_id: CrmId::from_u128(n + 1),
+            entry_id: EntryId::new(format!("E{n:05}")).expect("valid"),
+            object_type: ObjectTypeCode::Appointment,
+            base: Fields::empty(),
+            goid: (n % 2 == 0).then(|| GlobalObjectId::new(n.to_be_bytes().to_vec()).expect("valid")),
+            role: Role::Owner,
+            status: ActivityStatus::Open,
+            crm_version: None,
+        }
+    }
+
+    #[test]
+    fn emptied_slots_are_reused_and_swept_without_losing_a_pair() {
+        let mut mapping = Mapping::new();
+        for n in 0..300 {
+            mapping.insert(pair(n)).unwrap();
+        }
+        // Remove most pairs (the slots are swept on the way), then link new ones into the gaps.
+        for n in (0..300).filter(|n| n % 5 != 0) {
+            assert_eq!(mapping.remove(pair(n).crm_id), Some(pair(n)));
+            mapping.check_invariants().unwrap();
+        }
+        for n in 300..340 {
+            assert!(mapping.link(pair(n)).is_empty());
+        }
+        mapping.check_invariants().unwrap();
+        let kept: Vec<u128> = (0..300).filter(|n| n % 5 == 0).chain(300..340).collect();
+        assert_eq!(mapping.len(), kept.len());
+        let mut fresh = Mapping::new();
+        for &n in kept.iter().rev() {
+            fresh.insert(pair(n)).unwrap();
+            assert_eq!(mapping.get(pair(n).crm_id), Some(&pair(n)));
+            assert_eq!(mapping.crm_id_of(&pair(n).entry_id), Some(pair(n).crm_id));
+        }
+        assert_eq!(mapping, fresh, "equality ignores where pairs sit");
+        assert_eq!(mapping.entries(), fresh.entries());
+        assert_eq!(mapping.remove(pair(1).crm_id), None);
     }
 }

@@ -389,6 +389,9 @@ impl<'m> Grouping<'m> {
         let mut new_meetings: IdMap<GlobalObjectId, usize> = IdMap::default();
         for r in 0..self.runs.len() {
             let run = &self.runs[r];
+            if self.mapped[r].is_some() || run.outlook != run.end {
+                continue; // not a new server record (checked in full by `new_record`)
+            }
             // Only a record one of whose changes carries a wanted GOID can have it as its net.
             let entries = &self.by_record[run.start as usize..run.outlook as usize];
             let carries = |e: &(u128, Side, QueueId, &QueueEntry)| {

@@ -383,3 +383,51 @@ pub fn coalesce<'q>(entries: &[&'q QueueEntry]) -> Result<Coalesced<'q>, Coalesc
     acc.consumed.sort_unstable();
     Ok(acc)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fields::Fields;
+
+    fn change(n: u64) -> Change {
+        let id = CrmId::new(uuid::Uuid::from_u64_pair(1, n + 1)).expect("not nil");
+        let op = ChangeOp::Update(Record::new(Fields::empty()));
+        Change::crm(id, ObjectTypeCode::Contact, VersionNumber(n), op).expect("valid")
+    }
+
+    fn entry(id: u64) -> QueueEntry {
+        QueueEntry { id: QueueId(id), change: change(id), attempts: 0, last_error: None }
+    }
+
+    #[test]
+    fn ids_are_found_across_gaps_sweeps_and_out_of_order_inserts() {
+        let mut queue = Queue::new();
+        for n in 0..400 {
+            assert_eq!(queue.push(change(n)), Ok(QueueId(n)));
+        }
+        // Remove most entries: the empty slots are swept on the way, leaving gaps in the ids.
+        for n in (0..400).filter(|n| n % 7 != 0) {
+            assert_eq!(queue.remove(QueueId(n)), Some(entry(n)));
+            assert_eq!(queue.get(QueueId(n)), None);
+        }
+        assert_eq!(queue.remove(QueueId(1)), None);
+        // Put some back below the highest id, in no order.
+        for n in [398, 3, 200, 1, 2] {
+            queue.insert(entry(n)).unwrap();
+        }
+        assert_eq!(queue.insert(entry(3)), Err(QueueError::DuplicateId(QueueId(3))));
+        let expected: Vec<u64> = (0..400).filter(|n| n % 7 == 0 || [1, 2, 3, 200, 398].contains(n)).collect();
+        assert_eq!(queue.len(), expected.len());
+        assert_eq!(queue.entries().iter().map(|e| e.id.0).collect::<Vec<_>>(), expected);
+        for &n in &expected {
+            assert_eq!(queue.get(QueueId(n)), Some(&entry(n)));
+        }
+        assert_eq!(queue.push(change(400)), Ok(QueueId(400)));
+        let mut fresh = Queue::new();
+        for &n in expected.iter().rev() {
+            fresh.insert(entry(n)).unwrap();
+        }
+        fresh.insert(entry(400)).unwrap();
+        assert_eq!(queue, fresh, "equality ignores empty slots");
+    }
+}

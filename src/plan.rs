@@ -236,8 +236,10 @@ pub fn plan(queue: &Queue, mapping: &Mapping, policies: &Policies) -> Result<Pla
         run_crm_ids: Vec::new(),
         created_in_crm: IdMap::default(),
     };
-    let grouping = planner.group(queue);
-    planner.run_crm_ids = grouping.runs.iter().map(|run| grouping.crm_id(run)).collect();
+    let t = std::time::Instant::now();
+    let mut grouping = planner.group(queue);
+    eprintln!("group {:?}", t.elapsed());
+    planner.run_crm_ids = std::mem::take(&mut grouping.run_ids);
     let actions = planner.decide_all(grouping);
     check_mass_delete(&actions, mapping, policies)?;
     Ok(Plan { actions: in_run_order(actions) })
@@ -325,8 +327,10 @@ struct Run {
 /// The queue grouped by record, before the records' sides are coalesced.
 struct Grouping<'m> {
     /// Entries of records keyed by `CrmId`, sorted by (record, side, queue id).
-    by_record: Vec<(u128, Side, QueueId, &'m QueueEntry)>,
+    by_record: Vec<(u128, Side, &'m QueueEntry)>,
     runs: Vec<Run>,
+    /// Each run's `CrmId`, in one vector of their own (bisected when joining).
+    run_ids: Vec<CrmId>,
     /// Each run's mapping entry.
     mapped: Vec<Option<&'m MappingEntry>>,
     /// Unmapped items, coalesced, in `EntryId` order.
@@ -336,10 +340,6 @@ struct Grouping<'m> {
 }
 
 impl<'m> Grouping<'m> {
-    fn crm_id(&self, run: &Run) -> CrmId {
-        CrmId::from_u128(self.by_record[run.start as usize].0)
-    }
-
     /// The CRM side of run `r` coalesced, when it is a new server record: not mapped, no Outlook
     /// side, valid, and not joined yet.
     fn new_record(&self, r: usize) -> Option<Coalesced<'m>> {
@@ -348,7 +348,7 @@ impl<'m> Grouping<'m> {
             return None;
         }
         let crm: Vec<&QueueEntry> =
-            self.by_record[run.start as usize..run.outlook as usize].iter().map(|e| e.3).collect();
+            self.by_record[run.start as usize..run.outlook as usize].iter().map(|e| e.2).collect();
         coalesce(&crm).ok()
     }
 
@@ -369,7 +369,7 @@ impl<'m> Grouping<'m> {
             if mapping.get(stamp).is_some() {
                 continue; // a copy of a held item: refused in `create_in_crm`
             }
-            if let Ok(r) = self.runs.binary_search_by(|run| self.crm_id(run).cmp(&stamp)) {
+            if let Ok(r) = self.run_ids.binary_search(&stamp) {
                 if self.new_record(r).is_some() {
                     join(&mut self.joined, r, &mut self.items[i]);
                 }
@@ -394,8 +394,8 @@ impl<'m> Grouping<'m> {
             }
             // Only a record one of whose changes carries a wanted GOID can have it as its net.
             let entries = &self.by_record[run.start as usize..run.outlook as usize];
-            let carries = |e: &(u128, Side, QueueId, &QueueEntry)| {
-                e.3.change.record().and_then(|rec| rec.goid.as_ref()).is_some_and(|g| wanted.contains_key(g))
+            let carries = |e: &(u128, Side, &QueueEntry)| {
+                e.2.change.record().and_then(|rec| rec.goid.as_ref()).is_some_and(|g| wanted.contains_key(g))
             };
             if !entries.iter().any(carries) {
                 continue;
@@ -471,18 +471,19 @@ impl<'m> Planner<'m> {
     /// meeting) by GOID. Records come in `CrmId` order, then unmapped items in `EntryId` order,
     /// so later steps never depend on the queue's order.
     fn group(&self, queue: &'m Queue) -> Grouping<'m> {
-        let mut by_record: Vec<(u128, Side, QueueId, &QueueEntry)> = Vec::with_capacity(queue.len());
+        let mut by_record: Vec<(u128, Side, &QueueEntry)> = Vec::with_capacity(queue.len());
         let mut unmapped: Vec<&QueueEntry> = Vec::new();
-        for entry in queue.iter_unordered() {
+        // In id order, so a stable sort by (record, side) leaves each side in id order.
+        for entry in queue.iter() {
             match entry.change.key() {
-                RecordKey::Crm(id) => by_record.push((id.as_u128(), Side::Crm, entry.id, entry)),
+                RecordKey::Crm(id) => by_record.push((id.as_u128(), Side::Crm, entry)),
                 RecordKey::Outlook(entry_id) => match self.mapping.crm_id_of(entry_id) {
-                    Some(id) => by_record.push((id.as_u128(), Side::Outlook, entry.id, entry)),
+                    Some(id) => by_record.push((id.as_u128(), Side::Outlook, entry)),
                     None => unmapped.push(entry),
                 },
             }
         }
-        by_record.sort_unstable_by_key(|&(record, side, id, _)| (record, side, id));
+        by_record.sort_by_key(|&(record, side, _)| (record, side));
         unmapped.sort_unstable_by(|a, b| a.change.key().cmp(b.change.key()).then(a.id.cmp(&b.id)));
 
         let mut runs: Vec<Run> = Vec::with_capacity(by_record.len());
@@ -496,28 +497,27 @@ impl<'m> Planner<'m> {
             });
             start += run.len();
         }
+        let run_ids: Vec<CrmId> =
+            runs.iter().map(|run| CrmId::from_u128(by_record[run.start as usize].0)).collect();
         // The mapping lookups in a loop of their own: each is a likely cache miss, and the
         // processor overlaps independent misses only when little other work sits between them.
-        let mapped: Vec<Option<&'m MappingEntry>> = runs
-            .iter()
-            .map(|run| self.mapping.get(CrmId::from_u128(by_record[run.start as usize].0)))
-            .collect();
+        let mapped: Vec<Option<&'m MappingEntry>> = run_ids.iter().map(|id| self.mapping.get(*id)).collect();
         let items = unmapped
             .chunk_by(|a, b| a.change.key() == b.change.key())
             .map(|run| Group::new(&[], run, None))
             .collect();
-        let mut grouping = Grouping { by_record, runs, mapped, items, joined: IdMap::default() };
+        let mut grouping = Grouping { by_record, runs, run_ids, mapped, items, joined: IdMap::default() };
         grouping.join_unmapped(self.mapping);
         grouping
     }
 
     /// Decides every record, then every unjoined item, in key order.
     fn decide_all(&mut self, grouping: Grouping<'m>) -> Vec<Action> {
-        let Grouping { by_record, runs, mapped, items, mut joined } = grouping;
+        let Grouping { by_record, runs, mapped, items, mut joined, .. } = grouping;
         let mut actions = Vec::with_capacity(runs.len() + items.len());
         let (mut crm, mut outlook): (Vec<&QueueEntry>, Vec<&QueueEntry>) = (Vec::new(), Vec::new());
         for (r, (run, mapped)) in runs.iter().zip(mapped).enumerate() {
-            let entries = |from: u32, to: u32| by_record[from as usize..to as usize].iter().map(|e| e.3);
+            let entries = |from: u32, to: u32| by_record[from as usize..to as usize].iter().map(|e| e.2);
             crm.clear();
             crm.extend(entries(run.start, run.outlook));
             outlook.clear();

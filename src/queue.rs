@@ -163,12 +163,29 @@ impl Queue {
     pub fn remove(&mut self, id: QueueId) -> Option<QueueEntry> {
         let i = self.slot(id)?;
         let entry = self.slots[i].take()?;
+        self.emptied();
+        Some(entry)
+    }
+
+    /// Removes an entry without handing it back (settling a success): it is dropped where it
+    /// lies instead of being moved out first. Whether it was there.
+    pub(crate) fn discard(&mut self, id: QueueId) -> bool {
+        let Some(i) = self.slot(id) else { return false };
+        if self.slots[i].is_none() {
+            return false;
+        }
+        self.slots[i] = None;
+        self.emptied();
+        true
+    }
+
+    /// Counts a slot just emptied; sweeps when empty slots outnumber entries 3 to 1.
+    fn emptied(&mut self) {
         self.live -= 1;
         let empty = self.slots.len() - self.live;
         if empty > 3 * self.live && empty >= 64 {
             self.sweep();
         }
-        Some(entry)
     }
 
     /// Drops the empty slots.
@@ -187,9 +204,13 @@ impl Queue {
         self.live == 0
     }
 
-    /// The entries in no guaranteed order (cheapest; today it is id order, but callers that need
-    /// an order sort).
+    /// The entries in no guaranteed order (callers that need an order sort, or use `iter`).
     pub fn iter_unordered(&self) -> impl Iterator<Item = &QueueEntry> {
+        self.slots.iter().flatten()
+    }
+
+    /// The entries in id order, without collecting them.
+    pub fn iter(&self) -> impl Iterator<Item = &QueueEntry> {
         self.slots.iter().flatten()
     }
 
@@ -429,5 +450,11 @@ mod tests {
         }
         fresh.insert(entry(400)).unwrap();
         assert_eq!(queue, fresh, "equality ignores empty slots");
+        assert_eq!(queue.iter().collect::<Vec<_>>(), queue.entries());
+        assert!(queue.discard(QueueId(398)));
+        assert!(!queue.discard(QueueId(398)));
+        assert!(!queue.discard(QueueId(5000)));
+        assert_eq!(queue.get(QueueId(398)), None);
+        assert_eq!(queue.len(), expected.len());
     }
 }

@@ -131,7 +131,7 @@ fn settle_in_place(
         Outcome::Applied(applied) => match resolve(link, &applied) {
             Ok(link) => {
                 for id in consumed {
-                    state.queue.remove(*id);
+                    state.queue.discard(*id);
                 }
                 apply_link(&mut state.mapping, link);
             }

@@ -168,20 +168,27 @@ impl Queue {
     }
 
     /// Removes an entry without handing it back (settling a success): it is dropped where it
-    /// lies instead of being moved out first. Whether it was there.
+    /// lies instead of being moved out first, and the slots are not swept, so the ids after it
+    /// are still found at their offset from the first; the caller sweeps once it is done
+    /// (`sweep_if_sparse`). Whether it was there.
     pub(crate) fn discard(&mut self, id: QueueId) -> bool {
         let Some(i) = self.slot(id) else { return false };
         if self.slots[i].is_none() {
             return false;
         }
         self.slots[i] = None;
-        self.emptied();
+        self.live -= 1;
         true
     }
 
-    /// Counts a slot just emptied; sweeps when empty slots outnumber entries 3 to 1.
+    /// Counts a slot just emptied, and sweeps if that made the slots sparse.
     fn emptied(&mut self) {
         self.live -= 1;
+        self.sweep_if_sparse();
+    }
+
+    /// Sweeps out the empty slots when they outnumber entries 3 to 1.
+    pub(crate) fn sweep_if_sparse(&mut self) {
         let empty = self.slots.len() - self.live;
         if empty > 3 * self.live && empty >= 64 {
             self.sweep();

@@ -86,6 +86,7 @@ pub enum Outcome {
 /// Settles one action's outcome. See the module doc.
 pub fn settle(mut state: SyncState, action: &Action, outcome: Outcome) -> SyncState {
     settle_in_place(&mut state, &action.op, Link::Borrowed(&action.link), &action.consumed, outcome);
+    state.queue.sweep_if_sparse();
     state
 }
 
@@ -103,6 +104,9 @@ pub fn settle_all(
         let Action { op, link, consumed, .. } = action;
         settle_in_place(&mut state, &op, Link::Owned(link), &consumed, outcome);
     }
+    // Once, after the whole plan: sweeping along the way would leave gaps in the ids, and every
+    // later id would then be found by bisection instead of at its offset.
+    state.queue.sweep_if_sparse();
     state
 }
 

@@ -123,24 +123,20 @@ fn confirmed() -> Policies {
     }
 }
 
-/// Plans and settles every action as a success, as the engine would after applying it.
+/// Plans and settles every action as a success, as the engine would after applying it (in one
+/// batch: `settle_all` equals settling the actions one by one).
 fn plan_and_settle(state: SyncState, new_items: &[EntryId], policies: &Policies) -> SyncState {
     let plan = plan(&state.queue, &state.mapping, policies).expect("guard confirmed");
     let mut next_item = new_items.iter();
-    let mut state = state;
-    for action in &plan.actions {
-        let outcome = match &action.op {
-            ActionOp::Reject { error } => {
-                Outcome::Failed(ItemError::new(ItemErrorKind::Invalid, error.to_string()))
-            }
-            ActionOp::CreateInOutlook { .. } => {
-                Outcome::Applied(Applied { entry_id: next_item.next().cloned(), crm_version: None })
-            }
-            _ => Outcome::Applied(Applied::default()),
-        };
-        state = settle(state, action, outcome);
-    }
-    state
+    settle_all(state, plan, |action| match &action.op {
+        ActionOp::Reject { error } => {
+            Outcome::Failed(ItemError::new(ItemErrorKind::Invalid, error.to_string()))
+        }
+        ActionOp::CreateInOutlook { .. } => {
+            Outcome::Applied(Applied { entry_id: next_item.next().cloned(), crm_version: None })
+        }
+        _ => Outcome::Applied(Applied::default()),
+    })
 }
 
 /// The floor: sort the same changes by key and fold each key's run in one linear pass.

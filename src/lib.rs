@@ -68,6 +68,6 @@ pub use policy::{
     OutlookDeletePolicy, Policies, UpdateVsDeletePolicy,
 };
 pub use queue::{CoalesceError, Coalesced, Net, Queue, QueueEntry, QueueError, QueueId, coalesce};
-pub use settle::{Applied, IgnoredError, ItemError, ItemErrorKind, Outcome, SyncState, settle};
+pub use settle::{Applied, IgnoredError, ItemError, ItemErrorKind, Outcome, SyncState, settle, settle_all};
 #[cfg(feature = "sqlite")]
 pub use summary::{Counts, SummaryError, SyncSummary};

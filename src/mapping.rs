@@ -46,6 +46,24 @@ impl MappingEntry<Option<EntryId>> {
             crm_version: self.crm_version,
         })
     }
+
+    /// [`resolve`](Self::resolve), moving the entry instead of cloning it.
+    pub fn into_resolved(self, found: Option<&EntryId>) -> Option<MappingEntry> {
+        let entry_id = match self.entry_id {
+            Some(own) => own,
+            None => found?.clone(),
+        };
+        Some(MappingEntry {
+            crm_id: self.crm_id,
+            entry_id,
+            object_type: self.object_type,
+            base: self.base,
+            goid: self.goid,
+            role: self.role,
+            status: self.status,
+            crm_version: self.crm_version,
+        })
+    }
 }
 
 /// Why a mapping entry was refused.
@@ -60,11 +78,52 @@ pub enum MappingError {
 }
 
 /// The `IdMappingTable`. Lookups by `CrmId`, `EntryId` and `GlobalObjectId`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+///
+/// Layout: the entries sit in one vector (`slots`, in the order they were first linked, a removed
+/// entry's slot reused by the next link); `by_crm` points a `CrmId` at its slot, so the index a
+/// lookup hashes into is small (an id and a number per pair) and the entries themselves are read
+/// in the order they were made. `by_entry` and `by_goid` map back to the `CrmId`.
+#[derive(Clone, Default)]
 pub struct Mapping {
-    by_crm: IdMap<CrmId, MappingEntry>,
+    slots: Vec<Slot>,
+    /// The last emptied slot, which names the one emptied before it (reused last-freed first).
+    free: Option<u32>,
+    /// How many slots are empty.
+    free_len: usize,
+    by_crm: IdMap<CrmId, u32>,
     by_entry: IdMap<EntryId, CrmId>,
     by_goid: IdMap<GlobalObjectId, CrmId>,
+}
+
+/// A place in `Mapping::slots`: a pair, or empty and naming the next empty one.
+#[derive(Clone)]
+enum Slot {
+    Used(MappingEntry),
+    Free { next: Option<u32> },
+}
+
+impl Slot {
+    fn used(&self) -> Option<&MappingEntry> {
+        match self {
+            Slot::Used(entry) => Some(entry),
+            Slot::Free { .. } => None,
+        }
+    }
+}
+
+impl PartialEq for Mapping {
+    /// Equal when they hold the same pairs, wherever each sits.
+    fn eq(&self, other: &Mapping) -> bool {
+        self.len() == other.len() && self.iter_unordered().all(|e| other.get(e.crm_id) == Some(e))
+    }
+}
+
+impl Eq for Mapping {}
+
+impl std::fmt::Debug for Mapping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mapping").field("entries", &self.entries()).finish()
+    }
 }
 
 impl Mapping {
@@ -74,7 +133,7 @@ impl Mapping {
 
     /// Adds a pair; refuses one that would break the bijection.
     pub fn insert(&mut self, entry: MappingEntry) -> Result<(), MappingError> {
-        if let Some(old) = self.by_crm.get(&entry.crm_id) {
+        if let Some(old) = self.get(entry.crm_id) {
             return Err(MappingError::CrmIdTaken { crm_id: entry.crm_id, entry_id: old.entry_id.clone() });
         }
         if let Some(crm_id) = self.by_entry.get(&entry.entry_id) {
@@ -95,7 +154,7 @@ impl Mapping {
     /// produces no other collision (property-tested).
     pub(crate) fn link(&mut self, entry: MappingEntry) -> Vec<MappingEntry> {
         // The common case, a held pair with a new base: update it in place.
-        if let Some(old) = self.by_crm.get_mut(&entry.crm_id) {
+        if let Some(old) = self.get_mut(entry.crm_id) {
             if old.entry_id == entry.entry_id && old.goid == entry.goid {
                 *old = entry;
                 return Vec::new();
@@ -120,25 +179,72 @@ impl Mapping {
         displaced
     }
 
+    /// Stores a pair that collides with none.
     fn put(&mut self, entry: MappingEntry) {
         self.by_entry.insert(entry.entry_id.clone(), entry.crm_id);
         if let Some(goid) = &entry.goid {
             self.by_goid.insert(goid.clone(), entry.crm_id);
         }
-        self.by_crm.insert(entry.crm_id, entry);
+        let crm_id = entry.crm_id;
+        let slot = match self.free {
+            Some(slot) => {
+                let Slot::Free { next } =
+                    std::mem::replace(&mut self.slots[slot as usize], Slot::Used(entry))
+                else {
+                    unreachable!("the free list names only empty slots")
+                };
+                self.free = next;
+                self.free_len -= 1;
+                slot
+            }
+            None => {
+                // At most 2^32 - 1 pairs: far past any mailbox (and memory).
+                let slot = u32::try_from(self.slots.len()).expect("fewer than 2^32 mapped pairs");
+                self.slots.push(Slot::Used(entry));
+                slot
+            }
+        };
+        self.by_crm.insert(crm_id, slot);
     }
 
     pub fn remove(&mut self, crm_id: CrmId) -> Option<MappingEntry> {
-        let old = self.by_crm.remove(&crm_id)?;
+        let slot = self.by_crm.remove(&crm_id)?;
+        let freed = Slot::Free { next: self.free };
+        let Slot::Used(old) = std::mem::replace(&mut self.slots[slot as usize], freed) else {
+            unreachable!("the index names only used slots")
+        };
+        self.free = Some(slot);
+        self.free_len += 1;
         self.by_entry.remove(&old.entry_id);
         if let Some(goid) = &old.goid {
             self.by_goid.remove(goid);
         }
+        if self.free_len > 64 && self.free_len > 2 * self.by_crm.len() {
+            self.compact();
+        }
         Some(old)
     }
 
+    /// Drops the empty slots and re-points the index.
+    fn compact(&mut self) {
+        self.slots.retain(|slot| matches!(slot, Slot::Used(_)));
+        self.free = None;
+        self.free_len = 0;
+        for (slot, entry) in self.slots.iter().filter_map(Slot::used).enumerate() {
+            self.by_crm.insert(entry.crm_id, slot as u32);
+        }
+    }
+
+    fn get_mut(&mut self, crm_id: CrmId) -> Option<&mut MappingEntry> {
+        let slot = *self.by_crm.get(&crm_id)?;
+        match &mut self.slots[slot as usize] {
+            Slot::Used(entry) => Some(entry),
+            Slot::Free { .. } => None,
+        }
+    }
+
     pub fn get(&self, crm_id: CrmId) -> Option<&MappingEntry> {
-        self.by_crm.get(&crm_id)
+        self.slots[*self.by_crm.get(&crm_id)? as usize].used()
     }
 
     pub fn crm_id_of(&self, entry_id: &EntryId) -> Option<CrmId> {
@@ -159,12 +265,12 @@ impl Mapping {
 
     /// The entries in no particular order (callers that need an order sort).
     pub fn iter_unordered(&self) -> impl Iterator<Item = &MappingEntry> {
-        self.by_crm.values()
+        self.slots.iter().filter_map(Slot::used)
     }
 
     /// The entries in `CrmId` order.
     pub fn entries(&self) -> Vec<&MappingEntry> {
-        let mut all: Vec<&MappingEntry> = self.by_crm.values().collect();
+        let mut all: Vec<&MappingEntry> = self.iter_unordered().collect();
         all.sort_unstable_by_key(|e| e.crm_id);
         all
     }
@@ -174,11 +280,17 @@ impl Mapping {
         if self.by_entry.len() != self.by_crm.len() {
             return Err(format!("{} CrmIds but {} EntryIds", self.by_crm.len(), self.by_entry.len()));
         }
-        let goids = self.by_crm.values().filter(|e| e.goid.is_some()).count();
+        if self.iter_unordered().count() != self.by_crm.len() {
+            return Err(format!("{} CrmIds indexed but {} entries", self.by_crm.len(), self.len()));
+        }
+        let goids = self.iter_unordered().filter(|e| e.goid.is_some()).count();
         if goids != self.by_goid.len() {
             return Err(format!("{goids} entries with a GOID but {} in the index", self.by_goid.len()));
         }
-        for e in self.by_crm.values() {
+        for e in self.iter_unordered() {
+            if self.get(e.crm_id) != Some(e) {
+                return Err(format!("{} is not indexed to its slot", e.crm_id));
+            }
             if self.by_entry.get(&e.entry_id) != Some(&e.crm_id) {
                 return Err(format!("{} -> {} has no way back", e.crm_id, e.entry_id));
             }
@@ -205,5 +317,51 @@ impl<'de> Deserialize<'de> for Mapping {
             mapping.insert(entry).map_err(serde::de::Error::custom)?;
         }
         Ok(mapping)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(n: u128) -> MappingEntry {
+        MappingEntry {
+            crm_id: CrmId::from_u128(n + 1),
+            entry_id: EntryId::new(format!("E{n:05}")).expect("valid"),
+            object_type: ObjectTypeCode::Appointment,
+            base: Fields::empty(),
+            goid: (n % 2 == 0).then(|| GlobalObjectId::new(n.to_be_bytes().to_vec()).expect("valid")),
+            role: Role::Owner,
+            status: ActivityStatus::Open,
+            crm_version: None,
+        }
+    }
+
+    #[test]
+    fn emptied_slots_are_reused_and_swept_without_losing_a_pair() {
+        let mut mapping = Mapping::new();
+        for n in 0..300 {
+            mapping.insert(pair(n)).unwrap();
+        }
+        // Remove most pairs (the slots are swept on the way), then link new ones into the gaps.
+        for n in (0..300).filter(|n| n % 5 != 0) {
+            assert_eq!(mapping.remove(pair(n).crm_id), Some(pair(n)));
+            mapping.check_invariants().unwrap();
+        }
+        for n in 300..340 {
+            assert!(mapping.link(pair(n)).is_empty());
+        }
+        mapping.check_invariants().unwrap();
+        let kept: Vec<u128> = (0..300).filter(|n| n % 5 == 0).chain(300..340).collect();
+        assert_eq!(mapping.len(), kept.len());
+        let mut fresh = Mapping::new();
+        for &n in kept.iter().rev() {
+            fresh.insert(pair(n)).unwrap();
+            assert_eq!(mapping.get(pair(n).crm_id), Some(&pair(n)));
+            assert_eq!(mapping.crm_id_of(&pair(n).entry_id), Some(pair(n).crm_id));
+        }
+        assert_eq!(mapping, fresh, "equality ignores where pairs sit");
+        assert_eq!(mapping.entries(), fresh.entries());
+        assert_eq!(mapping.remove(pair(1).crm_id), None);
     }
 }

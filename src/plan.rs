@@ -236,20 +236,11 @@ pub fn plan(queue: &Queue, mapping: &Mapping, policies: &Policies) -> Result<Pla
         run_crm_ids: Vec::new(),
         created_in_crm: IdMap::default(),
     };
-    let groups = planner.group(queue);
-    planner.run_crm_ids = groups
-        .iter()
-        .filter_map(|g| match g.key {
-            RecordKey::Crm(id) => Some(id),
-            RecordKey::Outlook(_) => None,
-        })
-        .collect();
-    let mut actions = Vec::with_capacity(groups.len());
-    for group in groups {
-        if group.crm.is_some() || group.outlook.is_some() || group.error.is_some() {
-            actions.push(planner.decide(group));
-        }
-    }
+    let t = std::time::Instant::now();
+    let mut grouping = planner.group(queue);
+    eprintln!("group {:?}", t.elapsed());
+    planner.run_crm_ids = std::mem::take(&mut grouping.run_ids);
+    let actions = planner.decide_all(grouping);
     check_mass_delete(&actions, mapping, policies)?;
     Ok(Plan { actions: in_run_order(actions) })
 }
@@ -279,8 +270,6 @@ fn check_mass_delete(actions: &[Action], mapping: &Mapping, policies: &Policies)
 
 /// The changes of one record from both sides, joined, with its mapping.
 struct Group<'m> {
-    /// The record's key: its `CrmId`, or for an unmapped item its `EntryId`.
-    key: RecordKey,
     crm: Option<Coalesced<'m>>,
     outlook: Option<Coalesced<'m>>,
     mapped: Option<&'m MappingEntry>,
@@ -291,13 +280,8 @@ struct Group<'m> {
 }
 
 impl<'m> Group<'m> {
-    fn new(
-        key: RecordKey,
-        crm: &[&'m QueueEntry],
-        outlook: &[&'m QueueEntry],
-        mapped: Option<&'m MappingEntry>,
-    ) -> Self {
-        let mut group = Group { key, crm: None, outlook: None, mapped, error: None, consumed: Vec::new() };
+    fn new(crm: &[&'m QueueEntry], outlook: &[&'m QueueEntry], mapped: Option<&'m MappingEntry>) -> Self {
+        let mut group = Group { crm: None, outlook: None, mapped, error: None, consumed: Vec::new() };
         for side in [crm, outlook] {
             if side.is_empty() {
                 continue;
@@ -329,6 +313,105 @@ impl<'m> Group<'m> {
             group.consumed.sort_unstable();
         }
         group
+    }
+}
+
+/// One record's entries in `Grouping::by_record`: CRM entries from `start`, Outlook entries from
+/// `outlook`, up to `end`.
+struct Run {
+    start: u32,
+    outlook: u32,
+    end: u32,
+}
+
+/// The queue grouped by record, before the records' sides are coalesced.
+struct Grouping<'m> {
+    /// Entries of records keyed by `CrmId`, sorted by (record, side, queue id).
+    by_record: Vec<(u128, Side, &'m QueueEntry)>,
+    runs: Vec<Run>,
+    /// Each run's `CrmId`, in one vector of their own (bisected when joining).
+    run_ids: Vec<CrmId>,
+    /// Each run's mapping entry.
+    mapped: Vec<Option<&'m MappingEntry>>,
+    /// Unmapped items, coalesced, in `EntryId` order.
+    items: Vec<Group<'m>>,
+    /// Items joined to a record (by run), moved out of `items`.
+    joined: IdMap<usize, (Coalesced<'m>, Vec<QueueId>)>,
+}
+
+impl<'m> Grouping<'m> {
+    /// The CRM side of run `r` coalesced, when it is a new server record: not mapped, no Outlook
+    /// side, valid, and not joined yet.
+    fn new_record(&self, r: usize) -> Option<Coalesced<'m>> {
+        let run = &self.runs[r];
+        if self.mapped[r].is_some() || run.outlook != run.end || self.joined.contains_key(&r) {
+            return None;
+        }
+        let crm: Vec<&QueueEntry> =
+            self.by_record[run.start as usize..run.outlook as usize].iter().map(|e| e.2).collect();
+        coalesce(&crm).ok()
+    }
+
+    /// Joins each unmapped item to the record of a new server record: by the `CrmId` stamped on
+    /// the item, else, for a new meeting, by GOID. A joined item's side moves into `joined`.
+    fn join_unmapped(&mut self, mapping: &Mapping) {
+        let join = |joined: &mut IdMap<_, _>, r: usize, item: &mut Group<'m>| {
+            if let Some(net) = item.outlook.take() {
+                joined.insert(r, (net, std::mem::take(&mut item.consumed)));
+            }
+        };
+        // Stamps first: an item stamped with a record's id is that record, whatever its GOID.
+        for i in 0..self.items.len() {
+            let item = &self.items[i];
+            let Some(stamp) = item.outlook.as_ref().and_then(|o| o.net.record().and(o.crm_id)) else {
+                continue;
+            };
+            if mapping.get(stamp).is_some() {
+                continue; // a copy of a held item: refused in `create_in_crm`
+            }
+            if let Ok(r) = self.run_ids.binary_search(&stamp) {
+                if self.new_record(r).is_some() {
+                    join(&mut self.joined, r, &mut self.items[i]);
+                }
+            }
+        }
+        // Then new meetings by GOID, among the records still unjoined: the first record (in key
+        // order) of each meeting an unjoined new item is.
+        let goid_of = |item: &Group<'m>| match item.outlook.as_ref().map(|o| &o.net) {
+            Some(Net::Create(record)) => record.goid.clone(),
+            _ => None,
+        };
+        let wanted: IdMap<GlobalObjectId, ()> =
+            self.items.iter().filter_map(goid_of).map(|g| (g, ())).collect();
+        if wanted.is_empty() {
+            return;
+        }
+        let mut new_meetings: IdMap<GlobalObjectId, usize> = IdMap::default();
+        for r in 0..self.runs.len() {
+            let run = &self.runs[r];
+            if self.mapped[r].is_some() || run.outlook != run.end {
+                continue; // not a new server record (checked in full by `new_record`)
+            }
+            // Only a record one of whose changes carries a wanted GOID can have it as its net.
+            let entries = &self.by_record[run.start as usize..run.outlook as usize];
+            let carries = |e: &(u128, Side, &QueueEntry)| {
+                e.2.change.record().and_then(|rec| rec.goid.as_ref()).is_some_and(|g| wanted.contains_key(g))
+            };
+            if !entries.iter().any(carries) {
+                continue;
+            }
+            let Some(net) = self.new_record(r) else { continue };
+            if let Some(goid) = net.net.record().and_then(|rec| rec.goid.as_ref()) {
+                new_meetings.entry(goid.clone()).or_insert(r);
+            }
+        }
+        for i in 0..self.items.len() {
+            let Some(goid) = goid_of(&self.items[i]) else { continue };
+            let Some(&r) = new_meetings.get(&goid) else { continue };
+            if self.new_record(r).is_some() {
+                join(&mut self.joined, r, &mut self.items[i]);
+            }
+        }
     }
 }
 
@@ -380,100 +463,85 @@ struct Planner<'m> {
 }
 
 impl<'m> Planner<'m> {
-    /// Groups the queue by record and coalesces each side of each record.
+    /// Groups the queue by record; each record's sides are coalesced later, one record at a time.
     ///
     /// CRM entries, and Outlook entries of mapped items, are keyed by `CrmId`, so one sort brings
     /// both sides of a held record together. Outlook entries of unmapped items are keyed by
     /// `EntryId`, then joined to a new server record by the `CrmId` stamped on them, else (a new
-    /// meeting) by GOID. Groups come out in key order: records by `CrmId`, then unmapped items by
-    /// `EntryId`, so later steps never depend on the queue's order.
-    fn group(&self, queue: &'m Queue) -> Vec<Group<'m>> {
-        let mut by_record: Vec<(u128, Side, QueueId, &QueueEntry)> = Vec::with_capacity(queue.len());
+    /// meeting) by GOID. Records come in `CrmId` order, then unmapped items in `EntryId` order,
+    /// so later steps never depend on the queue's order.
+    fn group(&self, queue: &'m Queue) -> Grouping<'m> {
+        let mut by_record: Vec<(u128, Side, &QueueEntry)> = Vec::with_capacity(queue.len());
         let mut unmapped: Vec<&QueueEntry> = Vec::new();
-        for entry in queue.iter_unordered() {
+        // In id order, so a stable sort by (record, side) leaves each side in id order.
+        for entry in queue.iter() {
             match entry.change.key() {
-                RecordKey::Crm(id) => by_record.push((id.as_u128(), Side::Crm, entry.id, entry)),
+                RecordKey::Crm(id) => by_record.push((id.as_u128(), Side::Crm, entry)),
                 RecordKey::Outlook(entry_id) => match self.mapping.crm_id_of(entry_id) {
-                    Some(id) => by_record.push((id.as_u128(), Side::Outlook, entry.id, entry)),
+                    Some(id) => by_record.push((id.as_u128(), Side::Outlook, entry)),
                     None => unmapped.push(entry),
                 },
             }
         }
-        by_record.sort_unstable_by_key(|&(record, side, id, _)| (record, side, id));
+        by_record.sort_by_key(|&(record, side, _)| (record, side));
         unmapped.sort_unstable_by(|a, b| a.change.key().cmp(b.change.key()).then(a.id.cmp(&b.id)));
 
-        let mut groups: Vec<Group<'m>> = Vec::with_capacity(by_record.len() / 2 + unmapped.len());
-        let mut sides: [Vec<&QueueEntry>; 2] = [Vec::new(), Vec::new()];
+        let mut runs: Vec<Run> = Vec::with_capacity(by_record.len());
+        let mut start = 0;
         for run in by_record.chunk_by(|a, b| a.0 == b.0) {
-            let [crm, outlook] = &mut sides;
-            crm.clear();
-            outlook.clear();
-            for &(_, side, _, entry) in run {
-                match side {
-                    Side::Crm => crm.push(entry),
-                    Side::Outlook => outlook.push(entry),
-                }
-            }
-            let crm_id = CrmId::from_u128(run[0].0);
-            groups.push(Group::new(RecordKey::Crm(crm_id), crm, outlook, self.mapping.get(crm_id)));
+            let outlook = run.iter().position(|e| e.1 == Side::Outlook).unwrap_or(run.len());
+            runs.push(Run {
+                start: start as u32,
+                outlook: (start + outlook) as u32,
+                end: (start + run.len()) as u32,
+            });
+            start += run.len();
         }
-        let records = groups.len();
-        for run in unmapped.chunk_by(|a, b| a.change.key() == b.change.key()) {
-            groups.push(Group::new(run[0].change.key().clone(), &[], run, None));
-        }
-        self.join_unmapped(&mut groups, records);
-        groups
+        let run_ids: Vec<CrmId> =
+            runs.iter().map(|run| CrmId::from_u128(by_record[run.start as usize].0)).collect();
+        // The mapping lookups in a loop of their own: each is a likely cache miss, and the
+        // processor overlaps independent misses only when little other work sits between them.
+        let mapped: Vec<Option<&'m MappingEntry>> = run_ids.iter().map(|id| self.mapping.get(*id)).collect();
+        let items = unmapped
+            .chunk_by(|a, b| a.change.key() == b.change.key())
+            .map(|run| Group::new(&[], run, None))
+            .collect();
+        let mut grouping = Grouping { by_record, runs, run_ids, mapped, items, joined: IdMap::default() };
+        grouping.join_unmapped(self.mapping);
+        grouping
     }
 
-    /// Joins each unmapped item's group (from `first` on) to the group of a new server record:
-    /// by the `CrmId` stamped on the item, else, for a new meeting, by GOID. A joined group moves
-    /// into its partner and is emptied.
-    fn join_unmapped(&self, groups: &mut [Group<'m>], first: usize) {
-        let (records, items) = groups.split_at_mut(first);
-        let is_new =
-            |g: &Group<'_>| g.mapped.is_none() && g.error.is_none() && g.outlook.is_none() && g.crm.is_some();
-        let join = |partner: &mut Group<'m>, item: &mut Group<'m>| {
-            partner.outlook = item.outlook.take();
-            partner.consumed.append(&mut item.consumed);
-            partner.consumed.sort_unstable();
-        };
-        // Stamps first: an item stamped with a record's id is that record, whatever its GOID.
-        for item in items.iter_mut() {
-            let Some(stamp) = item.outlook.as_ref().and_then(|o| o.net.record().and(o.crm_id)) else {
-                continue;
-            };
-            if self.mapping.get(stamp).is_some() {
-                continue; // a copy of a held item: refused in `create_in_crm`
+    /// Decides every record, then every unjoined item, in key order.
+    fn decide_all(&mut self, grouping: Grouping<'m>) -> Vec<Action> {
+        let Grouping { by_record, runs, mapped, items, mut joined, .. } = grouping;
+        let mut actions = Vec::with_capacity(runs.len() + items.len());
+        let (mut crm, mut outlook): (Vec<&QueueEntry>, Vec<&QueueEntry>) = (Vec::new(), Vec::new());
+        for (r, (run, mapped)) in runs.iter().zip(mapped).enumerate() {
+            let entries = |from: u32, to: u32| by_record[from as usize..to as usize].iter().map(|e| e.2);
+            crm.clear();
+            crm.extend(entries(run.start, run.outlook));
+            outlook.clear();
+            outlook.extend(entries(run.outlook, run.end));
+            let mut group = Group::new(&crm, &outlook, mapped);
+            if let Some((net, mut consumed)) = joined.remove(&r) {
+                group.outlook = Some(net);
+                group.consumed.append(&mut consumed);
+                group.consumed.sort_unstable();
             }
-            if let Ok(i) = records.binary_search_by(|g| g.key.cmp(&RecordKey::Crm(stamp))) {
-                if is_new(&records[i]) {
-                    join(&mut records[i], item);
-                }
+            if group.crm.is_some() || group.outlook.is_some() || group.error.is_some() {
+                actions.push(self.decide(group));
             }
         }
-        // Then new meetings by GOID, among the records still unjoined.
-        let mut new_meetings: IdMap<GlobalObjectId, usize> = IdMap::default();
-        for (i, g) in records.iter().enumerate() {
-            let goid = g.crm.as_ref().and_then(|c| c.net.record()).and_then(|r| r.goid.as_ref());
-            if let (Some(goid), true) = (goid, is_new(g)) {
-                new_meetings.entry(goid.clone()).or_insert(i);
+        for group in items {
+            if group.crm.is_some() || group.outlook.is_some() || group.error.is_some() {
+                actions.push(self.decide(group));
             }
         }
-        if new_meetings.is_empty() {
-            return;
-        }
-        for item in items.iter_mut() {
-            let Some(net) = item.outlook.as_ref().map(|o| &o.net) else { continue };
-            let Net::Create(record) = net else { continue };
-            let Some(&i) = record.goid.as_ref().and_then(|g| new_meetings.get(g)) else { continue };
-            if is_new(&records[i]) {
-                join(&mut records[i], item);
-            }
-        }
+        actions
     }
 
     fn decide(&mut self, group: Group<'m>) -> Action {
-        let Group { key: _, crm, outlook, mapped, error, consumed } = group;
+        let Group { crm, outlook, mapped, error, consumed } = group;
         if let Some((order, object_type, error)) = error.map(|e| *e) {
             return reject(order, object_type, consumed, error.into());
         }

@@ -10,8 +10,6 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::index::IdMap;
-
 use crate::change::{Change, ChangeKind, ChangeOp, ChangeStamp, DeleteReason, Record, RecordKey};
 use crate::entity::ObjectTypeCode;
 use crate::ids::{CrmId, VersionNumber};
@@ -54,18 +52,49 @@ pub enum QueueError {
 
 /// The queue of pending changes from both sides (`OutlookSyncTable`).
 ///
-/// Invariant: every entry is stored under its own id, `next_id` is greater than every id, and
-/// the queue holds at most `len_max` entries.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Layout: the entries sit in one vector in id order (arrival order), so planning reads them
+/// front to back and finds an id without hashing. A removed entry leaves an empty slot, swept out
+/// once empty slots outnumber entries three to one. `push` appends; `insert` (loading a cache
+/// file, in id order) appends too, and shifts the tail only for an id below the highest.
+///
+/// Invariant: `ids` is strictly increasing and `ids[i]` is the id of `slots[i]` (or of the entry
+/// removed from it), `live` counts the filled slots, `next_id` is greater than every id, and the
+/// queue holds at most `len_max` entries.
+#[derive(Clone)]
 pub struct Queue {
-    entries: IdMap<QueueId, QueueEntry>,
+    ids: Vec<QueueId>,
+    slots: Vec<Option<QueueEntry>>,
+    live: usize,
     next_id: u64,
     len_max: usize,
 }
 
 impl Default for Queue {
     fn default() -> Self {
-        Queue { entries: IdMap::default(), next_id: 0, len_max: QUEUE_LEN_MAX }
+        Queue { ids: Vec::new(), slots: Vec::new(), live: 0, next_id: 0, len_max: QUEUE_LEN_MAX }
+    }
+}
+
+impl PartialEq for Queue {
+    /// Equal when they hold the same entries and would number the next change alike; where
+    /// removed entries left empty slots does not matter.
+    fn eq(&self, other: &Queue) -> bool {
+        self.live == other.live
+            && self.next_id == other.next_id
+            && self.len_max == other.len_max
+            && self.iter_unordered().eq(other.iter_unordered())
+    }
+}
+
+impl Eq for Queue {}
+
+impl fmt::Debug for Queue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Queue")
+            .field("entries", &self.entries())
+            .field("next_id", &self.next_id)
+            .field("len_max", &self.len_max)
+            .finish()
     }
 }
 
@@ -88,47 +117,113 @@ impl Queue {
 
     /// Puts back an entry with its own id (loading a cache file).
     pub fn insert(&mut self, entry: QueueEntry) -> Result<(), QueueError> {
-        if self.entries.len() >= self.len_max {
+        if self.live >= self.len_max {
             return Err(QueueError::Full(self.len_max));
         }
-        if self.entries.contains_key(&entry.id) {
-            return Err(QueueError::DuplicateId(entry.id));
+        let id = entry.id;
+        match self.ids.last() {
+            Some(last) if *last >= id => match self.ids.binary_search(&id) {
+                Ok(i) if self.slots[i].is_some() => return Err(QueueError::DuplicateId(id)),
+                Ok(i) => self.slots[i] = Some(entry),
+                Err(i) => {
+                    self.ids.insert(i, id);
+                    self.slots.insert(i, Some(entry));
+                }
+            },
+            _ => {
+                self.ids.push(id);
+                self.slots.push(Some(entry));
+            }
         }
-        self.next_id = self.next_id.max(entry.id.0 + 1);
-        self.entries.insert(entry.id, entry);
+        self.live += 1;
+        self.next_id = self.next_id.max(id.0 + 1);
         Ok(())
     }
 
+    /// The slot of `id`: where it would be if the ids since the first were consecutive, else found
+    /// by bisection.
+    fn slot(&self, id: QueueId) -> Option<usize> {
+        let first = self.ids.first()?;
+        let guess = id.0.checked_sub(first.0).and_then(|d| usize::try_from(d).ok());
+        if let Some(i) = guess.filter(|&i| self.ids.get(i) == Some(&id)) {
+            return Some(i);
+        }
+        self.ids.binary_search(&id).ok()
+    }
+
     pub fn get(&self, id: QueueId) -> Option<&QueueEntry> {
-        self.entries.get(&id)
+        self.slots[self.slot(id)?].as_ref()
     }
 
     pub(crate) fn get_mut(&mut self, id: QueueId) -> Option<&mut QueueEntry> {
-        self.entries.get_mut(&id)
+        let i = self.slot(id)?;
+        self.slots[i].as_mut()
     }
 
     pub fn remove(&mut self, id: QueueId) -> Option<QueueEntry> {
-        self.entries.remove(&id)
+        let i = self.slot(id)?;
+        let entry = self.slots[i].take()?;
+        self.emptied();
+        Some(entry)
+    }
+
+    /// Removes an entry without handing it back (settling a success): it is dropped where it
+    /// lies instead of being moved out first, and the slots are not swept, so the ids after it
+    /// are still found at their offset from the first; the caller sweeps once it is done
+    /// (`sweep_if_sparse`). Whether it was there.
+    pub(crate) fn discard(&mut self, id: QueueId) -> bool {
+        let Some(i) = self.slot(id) else { return false };
+        if self.slots[i].is_none() {
+            return false;
+        }
+        self.slots[i] = None;
+        self.live -= 1;
+        true
+    }
+
+    /// Counts a slot just emptied, and sweeps if that made the slots sparse.
+    fn emptied(&mut self) {
+        self.live -= 1;
+        self.sweep_if_sparse();
+    }
+
+    /// Sweeps out the empty slots when they outnumber entries 3 to 1.
+    pub(crate) fn sweep_if_sparse(&mut self) {
+        let empty = self.slots.len() - self.live;
+        if empty > 3 * self.live && empty >= 64 {
+            self.sweep();
+        }
+    }
+
+    /// Drops the empty slots.
+    fn sweep(&mut self) {
+        let mut keep = self.slots.iter().map(Option::is_some);
+        self.ids.retain(|_| keep.next().unwrap_or(false));
+        self.slots.retain(Option::is_some);
+        debug_assert_eq!(self.slots.len(), self.live);
     }
 
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.live
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.live == 0
     }
 
-    /// The entries in no particular order (cheapest; callers that need an order sort).
+    /// The entries in no guaranteed order (callers that need an order sort, or use `iter`).
     pub fn iter_unordered(&self) -> impl Iterator<Item = &QueueEntry> {
-        self.entries.values()
+        self.slots.iter().flatten()
+    }
+
+    /// The entries in id order, without collecting them.
+    pub fn iter(&self) -> impl Iterator<Item = &QueueEntry> {
+        self.slots.iter().flatten()
     }
 
     /// The entries in id order.
     pub fn entries(&self) -> Vec<&QueueEntry> {
-        let mut all: Vec<&QueueEntry> = self.entries.values().collect();
-        all.sort_unstable_by_key(|e| e.id);
-        all
+        self.slots.iter().flatten().collect()
     }
 }
 
@@ -326,4 +421,58 @@ pub fn coalesce<'q>(entries: &[&'q QueueEntry]) -> Result<Coalesced<'q>, Coalesc
     }
     acc.consumed.sort_unstable();
     Ok(acc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fields::Fields;
+
+    fn change(n: u64) -> Change {
+        let id = CrmId::new(uuid::Uuid::from_u64_pair(1, n + 1)).expect("not nil");
+        let op = ChangeOp::Update(Record::new(Fields::empty()));
+        Change::crm(id, ObjectTypeCode::Contact, VersionNumber(n), op).expect("valid")
+    }
+
+    fn entry(id: u64) -> QueueEntry {
+        QueueEntry { id: QueueId(id), change: change(id), attempts: 0, last_error: None }
+    }
+
+    #[test]
+    fn ids_are_found_across_gaps_sweeps_and_out_of_order_inserts() {
+        let mut queue = Queue::new();
+        for n in 0..400 {
+            assert_eq!(queue.push(change(n)), Ok(QueueId(n)));
+        }
+        // Remove most entries: the empty slots are swept on the way, leaving gaps in the ids.
+        for n in (0..400).filter(|n| n % 7 != 0) {
+            assert_eq!(queue.remove(QueueId(n)), Some(entry(n)));
+            assert_eq!(queue.get(QueueId(n)), None);
+        }
+        assert_eq!(queue.remove(QueueId(1)), None);
+        // Put some back below the highest id, in no order.
+        for n in [398, 3, 200, 1, 2] {
+            queue.insert(entry(n)).unwrap();
+        }
+        assert_eq!(queue.insert(entry(3)), Err(QueueError::DuplicateId(QueueId(3))));
+        let expected: Vec<u64> = (0..400).filter(|n| n % 7 == 0 || [1, 2, 3, 200, 398].contains(n)).collect();
+        assert_eq!(queue.len(), expected.len());
+        assert_eq!(queue.entries().iter().map(|e| e.id.0).collect::<Vec<_>>(), expected);
+        for &n in &expected {
+            assert_eq!(queue.get(QueueId(n)), Some(&entry(n)));
+        }
+        assert_eq!(queue.push(change(400)), Ok(QueueId(400)));
+        let mut fresh = Queue::new();
+        for &n in expected.iter().rev() {
+            fresh.insert(entry(n)).unwrap();
+        }
+        fresh.insert(entry(400)).unwrap();
+        assert_eq!(queue, fresh, "equality ignores empty slots");
+        assert_eq!(queue.iter().collect::<Vec<_>>(), queue.entries());
+        assert!(queue.discard(QueueId(398)));
+        assert!(!queue.discard(QueueId(398)));
+        assert!(!queue.discard(QueueId(5000)));
+        assert_eq!(queue.get(QueueId(398)), None);
+        assert_eq!(queue.len(), expected.len());
+    }
 }

@@ -1053,6 +1053,55 @@ proptest! {
     }
 }
 
+/// One outcome per action, drawn from `picks`: a success (with a fresh item where the link waits
+/// for one, or without it, and with or without the version of the engine's own write), a failure,
+/// or a failure under "ignore all errors".
+fn mixed_outcome(action: &Action, pick: u8, fresh: &mut u64) -> Outcome {
+    let error = || ItemError::new(ItemErrorKind::Locked, format!("locked ({pick})"));
+    match pick % 6 {
+        0 => Outcome::Failed(error()),
+        1 => Outcome::FailedIgnored(error()),
+        2 => Outcome::Applied(Applied::default()),
+        3 => Outcome::Applied(Applied {
+            crm_version: Some(VersionNumber(u64::from(pick) * 40)),
+            ..Default::default()
+        }),
+        _ => success(action, fresh),
+    }
+}
+
+proptest! {
+    #![proptest_config(big(512))]
+
+    /// `settle_all` equals settling the actions one by one, whatever the outcomes.
+    #[test]
+    fn settle_all_is_settling_one_by_one(
+        s in scenario(200),
+        policies in policies(),
+        picks in vec(any::<u8>(), 1..64),
+    ) {
+        let plan = plan_of(&s, &policies);
+        let state = SyncState { queue: queue_of(&s.entries), mapping: mapping_of(&s.mapping), ignored: vec![] };
+        let outcomes: Vec<Outcome> = {
+            let mut fresh = 0;
+            plan.actions
+                .iter()
+                .enumerate()
+                .map(|(i, a)| mixed_outcome(a, picks[i % picks.len()], &mut fresh))
+                .collect()
+        };
+        let mut folded = state.clone();
+        for (action, outcome) in plan.actions.iter().zip(&outcomes) {
+            folded = settle(folded, action, outcome.clone());
+        }
+        let mut given = outcomes.into_iter();
+        let batch = crmsync::settle_all(state, plan, |_| given.next().expect("one outcome per action"));
+        prop_assert_eq!(&batch, &folded);
+        prop_assert_eq!(batch.queue.entries(), folded.queue.entries());
+        prop_assert_eq!(batch.mapping.entries(), folded.mapping.entries());
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // 7. Merge laws.
 

@@ -14,7 +14,10 @@
 //!    their outcomes (so the cache never records a write the mailbox lost);
 //! 6. `SettleAction`: what settling its outcome changed is written to the cache (per outcome, or
 //!    grouped, see [`EngineConfig::commit_every`]);
-//! 7. `CommitGroup`: a group of settled outcomes becomes durable.
+//! 7. `CommitGroup`: a group of settled outcomes becomes durable;
+//! 8. `RestoreLinks` (before planning, after a run that stopped while applying) and
+//!    `Reconcile` (after the server pages, under a primary term the cache has not synced
+//!    under): see ARCHITECTURE.md.
 //!
 //! Why a crash anywhere is safe: a page queued and not acknowledged is handed out again and folds
 //! into the queue as a repeat; a mailbox page is queued with its cursor atomically; an action

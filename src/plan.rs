@@ -236,9 +236,7 @@ pub fn plan(queue: &Queue, mapping: &Mapping, policies: &Policies) -> Result<Pla
         run_crm_ids: Vec::new(),
         created_in_crm: IdMap::default(),
     };
-    let t = std::time::Instant::now();
     let mut grouping = planner.group(queue);
-    eprintln!("group {:?}", t.elapsed());
     planner.run_crm_ids = std::mem::take(&mut grouping.run_ids);
     let actions = planner.decide_all(grouping);
     check_mass_delete(&actions, mapping, policies)?;

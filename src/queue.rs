@@ -323,7 +323,8 @@ pub enum CoalesceError {
 /// Folds the changes of one record from one side into one (see the module doc for the order).
 ///
 /// create+update = create with the latest fields; update+update = the latest update; create+delete
-/// = `CreatedThenDeleted`; update+delete = delete; anything after a delete is an error. A change
+/// = `CreatedThenDeleted`; update+delete = delete; anything after a delete is an error, except
+/// after a CRM record left the filter (it may come back, or leave again, or be deleted). A change
 /// repeated with the same stamp (at-least-once delivery) is folded in once, also when one CRM
 /// version came once as a create and once as an update; a CRM change with the same
 /// `VersionNumber` as another but a different content is an error.
@@ -398,6 +399,19 @@ pub fn coalesce<'q>(entries: &[&'q QueueEntry]) -> Result<Coalesced<'q>, Coalesc
             }
         }
         acc.net = match (&acc.net, change.op()) {
+            // Leaving the filter is not the end of a CrmId: the record may come back into the
+            // filter (given back, invited again) or leave it again, or be deleted.
+            (Net::Delete(DeleteReason::LeftFilter), ChangeOp::Create(r) | ChangeOp::Update(r)) => {
+                Net::Update(r)
+            }
+            (
+                Net::CreatedThenDeleted(DeleteReason::LeftFilter),
+                ChangeOp::Create(r) | ChangeOp::Update(r),
+            ) => Net::Create(r),
+            (Net::Delete(DeleteReason::LeftFilter), ChangeOp::Delete(why)) => Net::Delete(*why),
+            (Net::CreatedThenDeleted(DeleteReason::LeftFilter), ChangeOp::Delete(why)) => {
+                Net::CreatedThenDeleted(*why)
+            }
             (Net::Delete(_) | Net::CreatedThenDeleted(_), _) => {
                 return Err(CoalesceError::ChangeAfterDelete {
                     key: key.clone(),

@@ -60,6 +60,20 @@ fn coalesce_refuses_one_key_with_two_entity_types() {
     );
 }
 
+/// Found by crmsync-sim (seed 209): a record that left the filter and was then deleted came
+/// as two deletes, refused as "a change after a delete" forever. Leaving the filter does not
+/// end a CrmId; a real delete still does.
+#[test]
+fn changes_after_leaving_the_filter_fold() {
+    let left = entry(1, crm(1, Contact, 5, ChangeOp::Delete(DeleteReason::LeftFilter)));
+    let deleted = entry(2, crm(1, Contact, 6, ChangeOp::Delete(DeleteReason::Deleted)));
+    let back = entry(3, crm(1, Contact, 6, ChangeOp::Create(rec(&[("a", "2")]))));
+    assert!(matches!(coalesce(&[&left, &deleted]).unwrap().net, Net::Delete(DeleteReason::Deleted)));
+    assert!(matches!(coalesce(&[&left, &back]).unwrap().net, Net::Update(_)));
+    let after = entry(4, crm(1, Contact, 7, ChangeOp::Update(rec(&[("a", "3")]))));
+    assert!(matches!(coalesce(&[&deleted, &after]), Err(CoalesceError::ChangeAfterDelete { .. })));
+}
+
 /// Found by crmsync-sim (seed 93): one CRM version handed out as an update, then (its
 /// acknowledge lost, the cache reconciled) as a create, is one change, not two contents.
 #[test]

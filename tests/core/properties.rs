@@ -795,7 +795,7 @@ fn build_seq(spec: &SeqSpec) -> (Vec<QueueEntry>, Vec<Change>) {
 }
 
 /// The reference: apply each change in turn, a repeated delivery (same stamp and op as the
-/// previous change) once. `None` if something follows a delete.
+/// previous change) once. `None` if something follows a delete (leaving the filter is not one).
 fn apply_one_by_one(initially: Option<Fields>, changes: &[Change]) -> Option<Option<Fields>> {
     let mut state = initially;
     let mut deleted = false;
@@ -809,9 +809,10 @@ fn apply_one_by_one(initially: Option<Fields>, changes: &[Change]) -> Option<Opt
         }
         match change.op() {
             ChangeOp::Create(r) | ChangeOp::Update(r) => state = Some(r.fields.clone()),
-            ChangeOp::Delete(_) => {
+            ChangeOp::Delete(why) => {
                 state = None;
-                deleted = true;
+                // Leaving the filter does not end a CrmId: the record may come back.
+                deleted = *why == DeleteReason::Deleted;
             }
         }
         prev = Some(change);

@@ -337,7 +337,7 @@ fn run<S: CrmService, M: Mailbox>(
     // planning, or a record created then deleted, say, would be dropped as never synced while
     // its item stays stamped.
     if cache.meta(APPLYING_KEY)?.as_deref() == Some("1") {
-        let items = items_of_queued_entries(&state, mailbox)?;
+        let items = items_of_unmapped_entries(&state, mailbox)?;
         let restored = links_kept_on_items(&state, items.iter());
         cache.restore_links(&mut state, restored)?;
         durable(observer, DurableStep::RestoreLinks)?;
@@ -394,13 +394,7 @@ fn links_kept_on_items<'i>(
     for item in items {
         let (Some(crm_id), Some(base)) = (item.stamp(), item.synced.as_ref()) else { continue };
         let newer = match state.mapping.get(crm_id) {
-            // A later base, or the same version with other fields (an update applied to both
-            // sides whose outcome the cache never recorded).
-            Some(m) => {
-                m.entry_id == item.entry_id
-                    && (base.crm_version > m.crm_version
-                        || (base.crm_version == m.crm_version && base.fields != m.base))
-            }
+            Some(m) => m.entry_id == item.entry_id && base.crm_version > m.crm_version,
             None => state.mapping.crm_id_of(&item.entry_id).is_none(),
         };
         let goid_free = item
@@ -495,10 +489,9 @@ fn reconcile<S: CrmService, M: Mailbox>(
     Ok(())
 }
 
-/// The items the queue's entries name: by mapping, or by stamp for an unmapped CRM change, by
-/// EntryId for an Outlook one (what an interrupted run may have linked or updated without the
-/// cache knowing).
-fn items_of_queued_entries<M: Mailbox>(
+/// The items the queue's unmapped entries name: by stamp for a CRM change, by EntryId for an
+/// Outlook one (what an interrupted run may have linked without the cache knowing).
+fn items_of_unmapped_entries<M: Mailbox>(
     state: &SyncState,
     mailbox: &M,
 ) -> Result<Vec<MailboxItem>, EngineError> {
@@ -506,11 +499,13 @@ fn items_of_queued_entries<M: Mailbox>(
     let mut items = Vec::new();
     for entry in state.queue.iter_unordered() {
         let entry_id = match entry.change.key() {
-            RecordKey::Crm(crm_id) => match state.mapping.get(*crm_id) {
-                Some(m) => Some(m.entry_id.clone()),
-                None => mailbox.find_by_stamp(*crm_id)?,
-            },
-            RecordKey::Outlook(entry_id) => Some(entry_id.clone()),
+            RecordKey::Crm(crm_id) if state.mapping.get(*crm_id).is_none() => {
+                mailbox.find_by_stamp(*crm_id)?
+            }
+            RecordKey::Outlook(entry_id) if state.mapping.crm_id_of(entry_id).is_none() => {
+                Some(entry_id.clone())
+            }
+            _ => None,
         };
         if let Some(entry_id) = entry_id.filter(|e| seen.insert(e.clone())) {
             items.extend(mailbox.get(&entry_id)?);

@@ -393,6 +393,10 @@ fn links_kept_on_items<'i>(
     let mut out: Vec<MappingEntry> = Vec::new();
     for item in items {
         let (Some(crm_id), Some(base)) = (item.stamp(), item.synced.as_ref()) else { continue };
+        if base.crm_version.is_none() {
+            // Stamped before its CRM create was confirmed: the queued create will retry it.
+            continue;
+        }
         let newer = match state.mapping.get(crm_id) {
             Some(m) => m.entry_id == item.entry_id && base.crm_version > m.crm_version,
             None => state.mapping.crm_id_of(&item.entry_id).is_none(),
@@ -574,12 +578,27 @@ fn apply<S: CrmService, M: Mailbox>(
                 status: link.map_or(crate::change::ActivityStatus::Open, |l| l.status),
                 crm_id: None,
             };
-            server_write(server.create_record(subscription, *crm_id, action.object_type, &record)).and_then(
-                |v| {
-                    relink(mailbox, entry_id, *crm_id, synced_base(action, Some(v)))?;
-                    Ok(Applied { entry_id: None, crm_version: Some(v) })
-                },
-            )
+            // Stamp the item first, with the base being created: a locked item then fails before
+            // anything is written, and once the record exists its item already says so (found by
+            // crmsync-sim: a stamp that failed after the create left a record whose later
+            // edits were merged against an empty base).
+            // Once the record exists, the base on the item gets its version: only a versioned
+            // base is restored as a link (an unversioned one may name a record never created).
+            relink(mailbox, entry_id, *crm_id, synced_base(action, None))
+                .and_then(|()| {
+                    server_write(server.create_record(subscription, *crm_id, action.object_type, &record))
+                })
+                .and_then(|v| {
+                    // Best effort: the record exists and the item is stamped, so the action
+                    // succeeded; a locked item keeps its unversioned base, which only means a
+                    // crash now would retry the (idempotent) create instead of restoring.
+                    match relink(mailbox, entry_id, *crm_id, synced_base(action, Some(v))) {
+                        Ok(()) | Err(Failure::Item(_)) => {
+                            Ok(Applied { entry_id: None, crm_version: Some(v) })
+                        }
+                        Err(fatal) => Err(fatal),
+                    }
+                })
         }
         ActionOp::Update { crm_id, entry_id, to_crm, to_outlook } => {
             let version = if to_crm.is_empty() {

@@ -96,7 +96,7 @@ pub fn after_run(
         if info.unprotected {
             continue;
         }
-        if let Some(c) = info.crm_id {
+        if let (Some(c), true) = (info.crm_id, info.seen_in_crm) {
             if !live.contains(&c) {
                 return fail(w, format!("record {c} (handle {h}) was lost: no one deleted it"));
             }

@@ -24,6 +24,9 @@ struct Cli {
     /// Scheduled sync runs per machine.
     #[arg(long, global = true, default_value_t = 20)]
     runs: usize,
+    /// Edits per user per sync interval.
+    #[arg(long, global = true, default_value_t = 2)]
+    edits: usize,
     /// Which faults: `swarm` (each seed draws its own), `none`, `all`, or a comma-separated
     /// list of kinds (`crash,late-page`).
     #[arg(long, global = true, default_value = "swarm")]
@@ -61,6 +64,7 @@ fn main() -> ExitCode {
         machines: cli.machines,
         records: cli.records,
         runs_per_machine: cli.runs,
+        edits_per_interval: cli.edits,
         ..WorldConfig::default()
     };
     let world_args = world_args(&cli, &config);
@@ -158,6 +162,9 @@ fn world_args(cli: &Cli, config: &WorldConfig) -> String {
     }
     if config.faults != d.faults {
         out += &format!(" --faults {}", cli.faults);
+    }
+    if config.edits_per_interval != d.edits_per_interval {
+        out += &format!(" --edits {}", cli.edits);
     }
     if config.runs_per_machine != d.runs_per_machine {
         out += &format!(" --runs {}", cli.runs);

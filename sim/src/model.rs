@@ -58,6 +58,8 @@ pub struct HandleInfo {
     pub made_in: Option<(usize, EntryId)>,
     /// Someone deleted it, gave it to another owner, or took an attendee off it.
     pub unprotected: bool,
+    /// Its record has been seen in CRM (an item may carry its stamp before the create lands).
+    pub seen_in_crm: bool,
     /// Users who deleted their Outlook copy (the policy may untrack instead of deleting).
     pub deleted_in_outlook_by: Vec<usize>,
     /// Users whose filter it left (given away, uninvited): their copy is untracked and keeps
@@ -265,7 +267,9 @@ impl Model {
         };
         match (expect, tolerated.is_empty()) {
             (expect, true) => expect,
-            (None, false) => Some(Expect::OneOf(tolerated)),
+            // Only a withdrawn edit is left: the model keeps the latest edit per place, so the
+            // value it replaced (which the sides may rightly keep) is not known here.
+            (None, false) => None,
             (Some(Expect::Value(v)), false) => {
                 Some(Expect::OneOf(std::iter::once(v).chain(tolerated).collect()))
             }

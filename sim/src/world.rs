@@ -652,6 +652,7 @@ impl World {
         }
         for r in records {
             if let Some(h) = self.model.handle_of_crm_id(r.crm_id) {
+                self.model.handles[h].seen_in_crm = true;
                 for f in self.model.fields_of(h) {
                     self.model.observe(h, &f, Place::Crm, r.fields.get(&f), at);
                 }

@@ -73,3 +73,70 @@ fn sweep_seeds_200_to_299() {
 fn sweep_seeds_300_to_399() {
     sweep_chunk(300, 100);
 }
+
+mod generated {
+    //! The world and its faults as a proptest strategy: a failing world shrinks to a smaller
+    //! one (fewer users, machines, records, runs and fault kinds; a smaller seed), and the case
+    //! is kept in `proptest-regressions/`. The random seed of the search is fixed, so CI runs
+    //! the same cases every time.
+
+    use crmsync_sim::FaultKind;
+    use crmsync_sim::world::{FaultChoice, WorldConfig, run_seed};
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, FileFailurePersistence, RngSeed};
+
+    /// Left out of generated worlds while the open finding they trigger (see `KNOWN_OPEN`
+    /// above) is not fixed: a client write whose outcome the cache lost. The sweep still runs
+    /// them.
+    const OPEN_FINDING_KINDS: [FaultKind; 2] = [FaultKind::NetworkAfterCall, FaultKind::Crash];
+
+    fn world() -> impl Strategy<Value = (u64, WorldConfig)> {
+        (
+            0u64..1_000_000,
+            1usize..=3,
+            0usize..=3,
+            0usize..=40,
+            1usize..=6,
+            0usize..=3,
+            proptest::sample::subsequence(
+                FaultKind::ALL
+                    .iter()
+                    .copied()
+                    .filter(|k| !OPEN_FINDING_KINDS.contains(k))
+                    .collect::<Vec<_>>(),
+                0..=FaultKind::ALL.len() - OPEN_FINDING_KINDS.len(),
+            ),
+        )
+            .prop_map(|(seed, users, extra, records, runs, edits, kinds)| {
+                let config = WorldConfig {
+                    users,
+                    machines: (users + extra).min(users * 3),
+                    records,
+                    runs_per_machine: runs,
+                    edits_per_interval: edits,
+                    faults: FaultChoice::Only(kinds),
+                    ..WorldConfig::default()
+                };
+                (seed, config)
+            })
+    }
+
+    proptest! {
+        #![proptest_config(Config {
+            cases: 256,
+            rng_seed: RngSeed::Fixed(0x5eed_c0de),
+            failure_persistence: Some(Box::new(FileFailurePersistence::Direct("../proptest-regressions/sim.txt"))),
+            ..Config::default()
+        })]
+
+        #[test]
+        fn every_generated_world_converges_without_a_violation((seed, config) in world()) {
+            let outcome = run_seed(seed, &config, false).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert!(
+                outcome.violation.is_none(),
+                "seed {seed} in {config:?}: {:?}",
+                outcome.violation
+            );
+        }
+    }
+}

@@ -22,19 +22,46 @@ fn a_seed_replays_byte_for_byte() {
     assert_ne!(x.trace.hash(), y.trace.hash());
 }
 
-/// Seeds of the CI sweep that still fail on an open finding of issue 6, with the finding. A seed
-/// not listed must pass, and a listed seed that starts passing must leave the list: either way
-/// CI turns red, so the list only ever shrinks by fixing the engine.
-///
-/// The finding: a client's CRM update whose answer was lost (`network-after-call`) leaves the
-/// item's `SyncBase` behind CRM; if the machine is then unlinked and linked again
-/// (`unlink-relink`) before a run confirms the write, the relinked cache merges the user's later
-/// edit against that old base, sees a conflict, and `CrmWins` keeps the earlier value.
+/// Seeds of the CI sweep that still fail on an open finding of issue 6. A seed not listed must
+/// pass, and a listed seed that starts passing must leave the list: either way CI turns red, so
+/// the list only ever shrinks, by fixing the engine. Replay one with
+/// `cargo run --release -p crmsync-sim -- run --seed S` (`CRMSYNC_SIM_WATCH=<CrmId>` follows a
+/// record).
 const KNOWN_OPEN: &[(u64, &str)] = &[
-    (7, "lost answer, then unlink and relink: later Outlook edit lost to a stale base"),
-    (15, "lost answer, then unlink and relink: later Outlook edit lost to a stale base"),
-    (59, "lost answer, then unlink and relink: later Outlook edit lost to a stale base"),
+    (7, LOST_UPDATE),
+    (54, LOST_UPDATE),
+    (87, LOST_UPDATE),
+    (119, HALF_LINKED),
+    (153, LOST_UPDATE),
+    (155, HALF_LINKED),
+    (192, LOST_UPDATE),
+    (202, LOST_UPDATE),
+    (206, HALF_LINKED),
+    (229, LOST_UPDATE),
+    (238, LOST_UPDATE),
+    (256, LOST_UPDATE),
+    (266, LOST_UPDATE),
+    (272, QUEUE_LEFT),
+    (286, LOST_UPDATE),
+    (306, LOST_UPDATE),
+    (329, LOST_UPDATE),
+    (338, LOST_UPDATE),
+    (358, LOST_UPDATE),
+    (398, LOST_UPDATE),
 ];
+
+/// A client write whose outcome the cache lost (an answer lost on the network, a crash between
+/// the write and its record, a write another machine half-applied) leaves the pair's base
+/// behind CRM; a later edit of the item is then merged against that old base, seen as a
+/// conflict with the client's own earlier value, and `CrmWins` keeps the earlier value. The fix
+/// needs the base per side (what CRM and what Outlook were last known to hold) or a write
+/// intent kept on the item and confirmed against CRM's next change.
+const LOST_UPDATE: &str = "a later edit lost to a base that lags a write whose outcome was lost";
+/// After a completed run a pair's item carries another stamp or none (a create or re-create of
+/// the record whose item stamp and cache record diverged across a crash and a locked item).
+const HALF_LINKED: &str = "a pair whose item carries another stamp after a completed run";
+/// A CRM change stays queued after the liveness phase.
+const QUEUE_LEFT: &str = "a CRM change never leaves the queue";
 
 fn sweep_chunk(from: u64, count: u64) {
     let config = WorldConfig::default();

@@ -613,7 +613,19 @@ fn apply<S: CrmService, M: Mailbox>(
             };
             version.and_then(|v| {
                 if !to_outlook.is_empty() {
-                    mailbox_write(mailbox.update(entry_id, to_outlook))?;
+                    match mailbox.update(entry_id, to_outlook) {
+                        // The item is gone while the pair stayed (its delete failed and was
+                        // ignored): the record changed in CRM, so Outlook gets it back (found by
+                        // crmsync-sim, seed 272: the update failed on every run).
+                        Err(MailboxError::NotFound(_)) => {
+                            let base = pending(&action.link).map(|p| p.base.clone());
+                            if let Some(fields) = base {
+                                let made = create_in_outlook(mailbox, action, *crm_id, &fields, None)?;
+                                return Ok(Applied { entry_id: made.entry_id, crm_version: v });
+                            }
+                        }
+                        other => mailbox_write(other)?,
+                    }
                 }
                 relink(mailbox, entry_id, *crm_id, synced_base(action, v))?;
                 Ok(Applied { entry_id: None, crm_version: v })

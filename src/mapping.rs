@@ -32,9 +32,11 @@ pub struct MappingEntry<E = EntryId> {
 }
 
 impl MappingEntry<Option<EntryId>> {
-    /// The entry with its Outlook item: its own, else `found` (from the action's outcome).
+    /// The entry with its Outlook item: `found` (the item the action's outcome reports, created
+    /// or found again), else its own.
     pub fn resolve(&self, found: Option<&EntryId>) -> Option<MappingEntry> {
-        let entry_id = self.entry_id.as_ref().or(found)?.clone();
+        // The item the engine reports (created, or found again) wins over the one planned for.
+        let entry_id = found.or(self.entry_id.as_ref())?.clone();
         Some(MappingEntry {
             crm_id: self.crm_id,
             entry_id,

@@ -41,7 +41,6 @@ const KNOWN_OPEN: &[(u64, &str)] = &[
     (238, LOST_UPDATE),
     (256, LOST_UPDATE),
     (266, LOST_UPDATE),
-    (272, QUEUE_LEFT),
     (286, LOST_UPDATE),
     (306, LOST_UPDATE),
     (329, LOST_UPDATE),
@@ -60,8 +59,6 @@ const LOST_UPDATE: &str = "a later edit lost to a base that lags a write whose o
 /// After a completed run a pair's item carries another stamp or none (a create or re-create of
 /// the record whose item stamp and cache record diverged across a crash and a locked item).
 const HALF_LINKED: &str = "a pair whose item carries another stamp after a completed run";
-/// A CRM change stays queued after the liveness phase.
-const QUEUE_LEFT: &str = "a CRM change never leaves the queue";
 
 fn sweep_chunk(from: u64, count: u64) {
     let config = WorldConfig::default();

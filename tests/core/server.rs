@@ -162,6 +162,14 @@ proptest! {
         sync(&mut store, sub, &mut held, 4, false);
         let expected = filtered(&store, user(0), (1..=24).map(id));
         prop_assert_eq!(&held, &expected);
+        // The one-query filter read (checks, the simulator) says the same as the rule.
+        let read: Held = store
+            .records_in_filter(user(0))
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.crm_id, (r.object_type, r.fields)))
+            .collect();
+        prop_assert_eq!(&read, &expected);
         let again = store.prepare_sync(sub).unwrap();
         prop_assert!(again.is_empty(), "a sync after a full sync hands out {:?}", again);
     }

@@ -114,7 +114,27 @@ pub fn after_run(
     let primary = w.server().is_primary_client(w.subscription(m)).unwrap_or(false);
     if primary && completed {
         let by_entry: BTreeMap<&EntryId, &MailboxItem> = items.iter().map(|i| (&i.entry_id, i)).collect();
+        // A pair with changes still queued is not settled yet (its action failed this run, after
+        // an earlier try may have half-applied it): the run that settles it must repair it, and
+        // convergence checks that it did.
+        let mut unsettled_ids = BTreeSet::new();
+        let mut unsettled_entries = BTreeSet::new();
+        // Likewise a pair whose failed change the user chose to ignore ("ignored errors aside").
+        let ignored = state.ignored.iter().map(|i| &i.entry);
+        for queued in state.queue.iter_unordered().chain(ignored) {
+            match queued.change.key() {
+                RecordKey::Crm(c) => {
+                    unsettled_ids.insert(*c);
+                }
+                RecordKey::Outlook(e) => {
+                    unsettled_entries.insert(e.clone());
+                }
+            }
+        }
         for entry in state.mapping.entries() {
+            if unsettled_ids.contains(&entry.crm_id) || unsettled_entries.contains(&entry.entry_id) {
+                continue;
+            }
             if let Some(item) = by_entry.get(&entry.entry_id) {
                 if item.stamp() != Some(entry.crm_id) {
                     return fail(

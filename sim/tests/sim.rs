@@ -31,12 +31,9 @@ const KNOWN_OPEN: &[(u64, &str)] = &[
     (7, LOST_UPDATE),
     (54, LOST_UPDATE),
     (87, LOST_UPDATE),
-    (119, HALF_LINKED),
     (153, LOST_UPDATE),
-    (155, HALF_LINKED),
     (192, LOST_UPDATE),
     (202, LOST_UPDATE),
-    (206, HALF_LINKED),
     (229, LOST_UPDATE),
     (238, LOST_UPDATE),
     (256, LOST_UPDATE),
@@ -56,9 +53,6 @@ const KNOWN_OPEN: &[(u64, &str)] = &[
 /// needs the base per side (what CRM and what Outlook were last known to hold) or a write
 /// intent kept on the item and confirmed against CRM's next change.
 const LOST_UPDATE: &str = "a later edit lost to a base that lags a write whose outcome was lost";
-/// After a completed run a pair's item carries another stamp or none (a create or re-create of
-/// the record whose item stamp and cache record diverged across a crash and a locked item).
-const HALF_LINKED: &str = "a pair whose item carries another stamp after a completed run";
 
 fn sweep_chunk(from: u64, count: u64) {
     let config = WorldConfig::default();

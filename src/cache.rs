@@ -408,6 +408,22 @@ impl SyncCache {
             .optional()?)
     }
 
+    /// Every metadata entry whose key starts with `prefix`, in key order.
+    pub fn meta_with_prefix(&self, prefix: &str) -> Result<Vec<(String, String)>, CacheError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT Key, Value FROM SyncMeta WHERE substr(Key, 1, ?2) = ?1 ORDER BY Key")?;
+        let rows = stmt.query_map(params![prefix, prefix.len() as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn delete_meta(&mut self, key: &str) -> Result<(), CacheError> {
+        self.step(|conn| {
+            conn.execute("DELETE FROM SyncMeta WHERE Key = ?1", [key])?;
+            Ok(())
+        })
+    }
+
     pub fn set_meta(&mut self, key: &str, value: &str) -> Result<(), CacheError> {
         self.step(|conn| {
             conn.execute(

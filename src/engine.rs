@@ -47,6 +47,9 @@ use crate::settle::{Applied, ItemError, ItemErrorKind, Outcome, settle};
 
 /// The cache metadata key of the mailbox cursor.
 pub const MAILBOX_CURSOR_KEY: &str = "mailbox_cursor";
+/// The prefix of the cache metadata keys of CRM writes whose answer was lost: the key ends with
+/// the `CrmId`, the value is the fields the write set (JSON).
+pub const UNCERTAIN_WRITE_PREFIX: &str = "uncertain_write:";
 /// The cache metadata key of the primary term this cache last synced under.
 pub const PRIMARY_TERM_KEY: &str = "primary_term";
 /// The cache metadata key saying a run is applying its plan ("1") or finished it ("0").
@@ -342,13 +345,27 @@ fn run<S: CrmService, M: Mailbox>(
         cache.restore_links(&mut state, restored)?;
         durable(observer, DurableStep::RestoreLinks)?;
     }
+    resolve_uncertain_writes(cache, &mut state)?;
     cache.set_meta(APPLYING_KEY, "1")?;
 
     // Steps 4 to 7: plan, apply, settle.
     let plan = plan(&state.queue, &state.mapping, &config.policies)?;
     let mut in_group = 0;
     for action in &plan.actions {
-        let outcome = apply(action, server, mailbox, subscription, config)?;
+        let outcome = match apply(action, server, mailbox, subscription, config) {
+            Err(EngineError::Server(ServerError::Unreachable(why))) => {
+                cache.abandon_group()?;
+                note_uncertain_write(cache, action)?;
+                return Err(EngineError::Server(ServerError::Unreachable(why)));
+            }
+            other => other?,
+        };
+        if matches!(outcome, Outcome::Failed(_) | Outcome::FailedIgnored(_)) {
+            if in_group == 0 && config.commit_every > 1 {
+                cache.begin()?;
+            }
+            note_uncertain_write(cache, action)?;
+        }
         durable(observer, DurableStep::ApplyAction)?;
         count(&mut report, action, &outcome);
         state = settle(state, action, outcome);
@@ -490,6 +507,57 @@ fn reconcile<S: CrmService, M: Mailbox>(
     cache.enqueue(state, &fetched)?;
     cache.set_meta(PRIMARY_TERM_KEY, &term.to_string())?;
     cache.commit()?;
+    Ok(())
+}
+
+/// A CRM update whose answer was lost, or whose action failed after it (a locked item), may
+/// or may not have landed: what it set is noted so the next run can tell from CRM's next
+/// change. Without it, a later edit of the item would be merged against a base that lags the
+/// write, and lose a conflict with the client's own earlier value (found by crmsync-sim).
+fn note_uncertain_write(cache: &mut SyncCache, action: &Action) -> Result<(), EngineError> {
+    let ActionOp::Update { crm_id, to_crm, .. } = &action.op else { return Ok(()) };
+    if to_crm.is_empty() {
+        return Ok(());
+    }
+    let set = crate::fields::Fields::try_from_pairs(to_crm.iter().filter_map(|(n, v)| v.map(|v| (n, v))));
+    let Ok(set) = set else { return Ok(()) };
+    let Ok(text) = serde_json::to_string(&set) else { return Ok(()) };
+    cache.set_meta(&format!("{UNCERTAIN_WRITE_PREFIX}{crm_id}"), &text)?;
+    Ok(())
+}
+
+/// Decides the writes [`note_uncertain_write`] noted, from the newest queued CRM change of each
+/// record: if it holds every value the write set, the write landed, and the pair's base takes
+/// those values (its version stays, so the change itself is still compared, not dropped). With
+/// no change queued yet the note waits for the next run.
+fn resolve_uncertain_writes(cache: &mut SyncCache, state: &mut SyncState) -> Result<(), EngineError> {
+    for (key, value) in cache.meta_with_prefix(UNCERTAIN_WRITE_PREFIX)? {
+        let crm_id = key[UNCERTAIN_WRITE_PREFIX.len()..].parse::<CrmId>().ok();
+        let set: Option<crate::fields::Fields> = serde_json::from_str(&value).ok();
+        let (Some(crm_id), Some(set)) = (crm_id, set) else {
+            cache.delete_meta(&key)?;
+            continue;
+        };
+        let newest = state
+            .queue
+            .iter_unordered()
+            .filter(|e| e.change.key() == &RecordKey::Crm(crm_id))
+            .max_by_key(|e| (e.change.stamp(), e.id))
+            .and_then(|e| e.change.record());
+        let Some(pair) = state.mapping.get(crm_id).cloned() else {
+            cache.delete_meta(&key)?;
+            continue;
+        };
+        let Some(newest) = newest else { continue };
+        if set.iter().all(|(name, value)| newest.fields.get(name) == Some(value)) {
+            let mut fields: std::collections::BTreeMap<&str, &str> = pair.base.iter().collect();
+            fields.extend(set.iter());
+            if let Ok(base) = crate::fields::Fields::try_from_pairs(fields) {
+                cache.restore_links(state, vec![MappingEntry { base, ..pair }])?;
+            }
+        }
+        cache.delete_meta(&key)?;
+    }
     Ok(())
 }
 

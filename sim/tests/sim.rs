@@ -32,23 +32,19 @@ const KNOWN_OPEN: &[(u64, &str)] = &[
     (54, LOST_UPDATE),
     (87, LOST_UPDATE),
     (153, LOST_UPDATE),
-    (192, LOST_UPDATE),
+    (171, LOST_UPDATE),
     (202, LOST_UPDATE),
     (229, LOST_UPDATE),
     (238, LOST_UPDATE),
-    (256, LOST_UPDATE),
-    (266, LOST_UPDATE),
+    (257, LOST_UPDATE),
     (286, LOST_UPDATE),
     (306, LOST_UPDATE),
-    (329, LOST_UPDATE),
-    (338, LOST_UPDATE),
-    (358, LOST_UPDATE),
-    (398, LOST_UPDATE),
+    (315, LOST_UPDATE),
 ];
 
-/// A client write whose outcome the cache lost (an answer lost on the network, a crash between
-/// the write and its record, a write another machine half-applied) leaves the pair's base
-/// behind CRM; a later edit of the item is then merged against that old base, seen as a
+/// A client write whose outcome the cache lost leaves the pair's base behind CRM (what remains
+/// after the uncertain-write notes: a crash after a write, its note or cache on another machine
+/// after a switch of primary, or an unlink that dropped it); a later edit of the item is then merged against that old base, seen as a
 /// conflict with the client's own earlier value, and `CrmWins` keeps the earlier value. The fix
 /// needs the base per side (what CRM and what Outlook were last known to hold) or a write
 /// intent kept on the item and confirmed against CRM's next change.

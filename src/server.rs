@@ -366,6 +366,64 @@ UPDATE SubscriptionClients SET PrimaryTerm = 1 WHERE IsPrimaryClient = 1;
 /// SyncEntry table in use (rusqlite's default of 16 made every run parse its SQL again).
 const STATEMENT_CACHE_CAPACITY: usize = 256;
 
+/// A record with its attendees, one row per record (ids are fixed-width GUIDs with no comma,
+/// so the attendee list folds into one column). Callers add `WHERE` and `ORDER BY`.
+const RECORD_SELECT: &str = "SELECT r.ObjectId, r.ObjectTypeCode, r.OwnerId, r.VersionNumber, r.Fields, \
+     r.GlobalObjectId, r.StateCode, (SELECT group_concat(x.SystemUserId) FROM \
+     (SELECT SystemUserId FROM Attendee WHERE ObjectId = r.ObjectId ORDER BY 1) x) FROM Record r";
+
+/// One row of [`RECORD_SELECT`], read as stored and checked by [`RecordRow::decode`].
+struct RecordRow {
+    id: String,
+    otc: i64,
+    owner: String,
+    version: i64,
+    fields: String,
+    goid: Option<String>,
+    state: i64,
+    attendees: Option<String>,
+}
+
+impl RecordRow {
+    fn read(r: &rusqlite::Row<'_>) -> rusqlite::Result<RecordRow> {
+        Ok(RecordRow {
+            id: r.get(0)?,
+            otc: r.get(1)?,
+            owner: r.get(2)?,
+            version: r.get(3)?,
+            fields: r.get(4)?,
+            goid: r.get(5)?,
+            state: r.get(6)?,
+            attendees: r.get(7)?,
+        })
+    }
+
+    fn decode(self) -> Result<ServerRecord, ServerError> {
+        let mut attendees = match self.attendees.as_deref() {
+            Some(list) => {
+                list.split(',').map(|u| parse_user("Attendee", u)).collect::<Result<Vec<_>, _>>()?
+            }
+            None => Vec::new(),
+        };
+        // group_concat does not promise the inner order: keep the attendees sorted regardless.
+        attendees.sort_unstable();
+        Ok(ServerRecord {
+            crm_id: parse_crm_id("Record", &self.id)?,
+            object_type: parse_otc("Record", self.otc)?,
+            owner: parse_user("Record", &self.owner)?,
+            version: version("Record", self.version)?,
+            fields: serde_json::from_str(&self.fields)
+                .map_err(|_| corrupt("Record", "Fields", &self.fields))?,
+            goid: self
+                .goid
+                .map(|g| GlobalObjectId::from_hex(&g).map_err(|_| corrupt("Record", "GlobalObjectId", &g)))
+                .transpose()?,
+            status: status_from_code(self.state)?,
+            attendees,
+        })
+    }
+}
+
 /// The entity codes of calendar items, for SQL.
 const CALENDAR_CODES: &str = "4201, 4214, 4251";
 
@@ -554,45 +612,10 @@ impl ServerStore {
     pub fn record(&self, crm_id: CrmId) -> Result<Option<ServerRecord>, ServerError> {
         let row = self
             .conn
-            .query_row(
-                "SELECT ObjectTypeCode, OwnerId, VersionNumber, Fields, GlobalObjectId, StateCode \
-                 FROM Record WHERE ObjectId = ?1",
-                [crm_id.to_string()],
-                |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, i64>(2)?,
-                        r.get::<_, String>(3)?,
-                        r.get::<_, Option<String>>(4)?,
-                        r.get::<_, i64>(5)?,
-                    ))
-                },
-            )
+            .prepare_cached(&format!("{RECORD_SELECT} WHERE r.ObjectId = ?1"))?
+            .query_row([crm_id.to_string()], RecordRow::read)
             .optional()?;
-        let Some((otc, owner, v, fields, goid, state)) = row else { return Ok(None) };
-        let fields: Fields =
-            serde_json::from_str(&fields).map_err(|_| corrupt("Record", "Fields", &fields))?;
-        let goid = goid
-            .map(|g| GlobalObjectId::from_hex(&g).map_err(|_| corrupt("Record", "GlobalObjectId", &g)))
-            .transpose()?;
-        let status = status_from_code(state)?;
-        let mut stmt =
-            self.conn.prepare_cached("SELECT SystemUserId FROM Attendee WHERE ObjectId = ?1 ORDER BY 1")?;
-        let attendees = stmt
-            .query_map([crm_id.to_string()], |r| r.get::<_, String>(0))?
-            .map(|u| parse_user("Attendee", &u?))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Some(ServerRecord {
-            crm_id,
-            object_type: parse_otc("Record", otc)?,
-            owner: parse_user("Record", &owner)?,
-            version: version("Record", v)?,
-            fields,
-            goid,
-            status,
-            attendees,
-        }))
+        row.map(RecordRow::decode).transpose()
     }
 
     /// The ids of every live record, in order (checks, the simulator: one query).
@@ -605,51 +628,14 @@ impl ServerStore {
     /// The live records in `user`'s sync filter (owned, or appointments attended), in `CrmId`
     /// order: what a converged client of that user holds (checks, the simulator).
     pub fn records_in_filter(&self, user: SystemUserId) -> Result<Vec<ServerRecord>, ServerError> {
-        // One query (checks run it after every simulated sync): attendees folded in with
-        // group_concat, ids being fixed-width GUIDs with no comma in them.
+        // One query (checks run it after every simulated sync).
         let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT r.ObjectId, r.ObjectTypeCode, r.OwnerId, r.VersionNumber, r.Fields, r.GlobalObjectId, \
-                    r.StateCode, (SELECT group_concat(a.SystemUserId) FROM \
-                        (SELECT SystemUserId FROM Attendee WHERE ObjectId = r.ObjectId ORDER BY 1) a) \
-             FROM Record r WHERE r.OwnerId = ?1 OR (r.ObjectTypeCode IN ({CALENDAR_CODES}) \
-                AND EXISTS (SELECT 1 FROM Attendee a WHERE a.ObjectId = r.ObjectId AND a.SystemUserId = ?1)) \
+            "{RECORD_SELECT} WHERE r.OwnerId = ?1 OR (r.ObjectTypeCode IN ({CALENDAR_CODES}) \
+             AND EXISTS (SELECT 1 FROM Attendee a WHERE a.ObjectId = r.ObjectId AND a.SystemUserId = ?1)) \
              ORDER BY r.ObjectId"
         ))?;
-        let rows = stmt.query_map([user.to_string()], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, i64>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, Option<String>>(5)?,
-                r.get::<_, i64>(6)?,
-                r.get::<_, Option<String>>(7)?,
-            ))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (id, otc, owner, v, fields, goid, state, attendees) = row?;
-            out.push(ServerRecord {
-                crm_id: parse_crm_id("Record", &id)?,
-                object_type: parse_otc("Record", otc)?,
-                owner: parse_user("Record", &owner)?,
-                version: version("Record", v)?,
-                fields: serde_json::from_str(&fields).map_err(|_| corrupt("Record", "Fields", &fields))?,
-                goid: goid
-                    .map(|g| {
-                        GlobalObjectId::from_hex(&g).map_err(|_| corrupt("Record", "GlobalObjectId", &g))
-                    })
-                    .transpose()?,
-                status: status_from_code(state)?,
-                attendees: attendees
-                    .as_deref()
-                    .map(|a| a.split(',').map(|u| parse_user("Attendee", u)).collect::<Result<Vec<_>, _>>())
-                    .transpose()?
-                    .unwrap_or_default(),
-            });
-        }
-        Ok(out)
+        let rows = stmt.query_map([user.to_string()], RecordRow::read)?;
+        rows.map(|row| row?.decode()).collect()
     }
 
     /// Every record, in `CrmId` order (checks and reports).
@@ -778,6 +764,31 @@ impl ServerStore {
             return Err(corrupt("Subscription", "SyncEntryTableName", &row.2));
         }
         Ok((parse_user("Subscription", &row.0)?, kind, row.2, version("Subscription", row.3)?.0))
+    }
+
+    /// Notes in a subscription's SyncEntry table that its client holds `crm_id` at `version`.
+    fn mark_held(
+        &self,
+        table: &str,
+        crm_id: CrmId,
+        object_type: ObjectTypeCode,
+        version: VersionNumber,
+    ) -> Result<(), ServerError> {
+        self.conn
+            .prepare_cached(&format!(
+                "INSERT INTO {table} VALUES (?1, ?2, ?3, 0) ON CONFLICT (ObjectId) DO UPDATE SET \
+                 VersionNumber = ?3, State = 0"
+            ))?
+            .execute(params![crm_id.to_string(), object_type.code(), version.0 as i64])?;
+        Ok(())
+    }
+
+    /// Notes that a subscription's client no longer holds `crm_id`.
+    fn forget_held(&self, table: &str, crm_id: CrmId) -> Result<(), ServerError> {
+        self.conn
+            .prepare_cached(&format!("DELETE FROM {table} WHERE ObjectId = ?1"))?
+            .execute([crm_id.to_string()])?;
+        Ok(())
     }
 
     fn term(&self, id: SubscriptionId) -> Result<Option<u64>, ServerError> {
@@ -1183,13 +1194,7 @@ impl CrmService for ServerStore {
         };
         // The creating client holds the record: without this row, a delete before its next
         // prepare would never be handed out to it.
-        self.conn.execute(
-            &format!(
-                "INSERT INTO {table} VALUES (?1, ?2, ?3, 0) ON CONFLICT (ObjectId) DO UPDATE SET \
-                 VersionNumber = ?3, State = 0"
-            ),
-            params![crm_id.to_string(), object_type.code(), version.0 as i64],
-        )?;
+        self.mark_held(&table, crm_id, object_type, version)?;
         tx.commit()?;
         Ok(version)
     }
@@ -1211,18 +1216,11 @@ impl CrmService for ServerStore {
                     Role::Other
                 };
                 if role == Role::Other {
-                    self.conn
-                        .execute(&format!("DELETE FROM {table} WHERE ObjectId = ?1"), [crm_id.to_string()])?;
+                    self.forget_held(&table, crm_id)?;
                     let op = ChangeOp::Delete(DeleteReason::LeftFilter);
                     Some(Change::crm(crm_id, record.object_type, record.version, op)?)
                 } else {
-                    self.conn.execute(
-                        &format!(
-                            "INSERT INTO {table} VALUES (?1, ?2, ?3, 0) ON CONFLICT (ObjectId) DO UPDATE SET \
-                             VersionNumber = ?3, State = 0"
-                        ),
-                        params![crm_id.to_string(), record.object_type.code(), record.version.0 as i64],
-                    )?;
+                    self.mark_held(&table, crm_id, record.object_type, record.version)?;
                     let body = Record {
                         fields: record.fields,
                         goid: record.goid,
@@ -1242,8 +1240,7 @@ impl CrmService for ServerStore {
                         |r| Ok((r.get(0)?, r.get(1)?)),
                     )
                     .optional()?;
-                self.conn
-                    .execute(&format!("DELETE FROM {table} WHERE ObjectId = ?1"), [crm_id.to_string()])?;
+                self.forget_held(&table, crm_id)?;
                 match tomb {
                     Some((otc, v)) => Some(Change::crm(
                         crm_id,

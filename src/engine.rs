@@ -48,7 +48,7 @@ use crate::settle::{Applied, ItemError, ItemErrorKind, Outcome, settle};
 /// The cache metadata key of the mailbox cursor.
 pub const MAILBOX_CURSOR_KEY: &str = "mailbox_cursor";
 /// The prefix of the cache metadata keys of CRM writes whose answer was lost: the key ends with
-/// the `CrmId`, the value is the fields the write set (JSON).
+/// the `CrmId`, the value is the write's `FieldPatch` (JSON).
 pub const UNCERTAIN_WRITE_PREFIX: &str = "uncertain_write:";
 /// The cache metadata key of the primary term this cache last synced under.
 pub const PRIMARY_TERM_KEY: &str = "primary_term";
@@ -360,18 +360,16 @@ fn run<S: CrmService, M: Mailbox>(
             }
             other => other?,
         };
+        // A group opens with its first outcome (the note below belongs to it).
+        if in_group == 0 && config.commit_every > 1 {
+            cache.begin()?;
+        }
         if matches!(outcome, Outcome::Failed(_) | Outcome::FailedIgnored(_)) {
-            if in_group == 0 && config.commit_every > 1 {
-                cache.begin()?;
-            }
             note_uncertain_write(cache, action)?;
         }
         durable(observer, DurableStep::ApplyAction)?;
         count(&mut report, action, &outcome);
         state = settle(state, action, outcome);
-        if in_group == 0 && config.commit_every > 1 {
-            cache.begin()?;
-        }
         if config.commit_every <= 1 {
             mailbox.flush()?;
             durable(observer, DurableStep::FlushMailbox)?;
@@ -519,22 +517,20 @@ fn note_uncertain_write(cache: &mut SyncCache, action: &Action) -> Result<(), En
     if to_crm.is_empty() {
         return Ok(());
     }
-    let set = crate::fields::Fields::try_from_pairs(to_crm.iter().filter_map(|(n, v)| v.map(|v| (n, v))));
-    let Ok(set) = set else { return Ok(()) };
-    let Ok(text) = serde_json::to_string(&set) else { return Ok(()) };
+    let Ok(text) = serde_json::to_string(to_crm) else { return Ok(()) };
     cache.set_meta(&format!("{UNCERTAIN_WRITE_PREFIX}{crm_id}"), &text)?;
     Ok(())
 }
 
 /// Decides the writes [`note_uncertain_write`] noted, from the newest queued CRM change of each
-/// record: if it holds every value the write set, the write landed, and the pair's base takes
-/// those values (its version stays, so the change itself is still compared, not dropped). With
+/// record: if it holds every value the write set (and lacks every field it cleared), the write
+/// landed, and the pair's base takes the patch (its version stays, so the change itself is still compared, not dropped). With
 /// no change queued yet the note waits for the next run.
 fn resolve_uncertain_writes(cache: &mut SyncCache, state: &mut SyncState) -> Result<(), EngineError> {
     for (key, value) in cache.meta_with_prefix(UNCERTAIN_WRITE_PREFIX)? {
         let crm_id = key[UNCERTAIN_WRITE_PREFIX.len()..].parse::<CrmId>().ok();
-        let set: Option<crate::fields::Fields> = serde_json::from_str(&value).ok();
-        let (Some(crm_id), Some(set)) = (crm_id, set) else {
+        let patch: Option<FieldPatch> = serde_json::from_str(&value).ok();
+        let (Some(crm_id), Some(patch)) = (crm_id, patch) else {
             cache.delete_meta(&key)?;
             continue;
         };
@@ -549,10 +545,8 @@ fn resolve_uncertain_writes(cache: &mut SyncCache, state: &mut SyncState) -> Res
             continue;
         };
         let Some(newest) = newest else { continue };
-        if set.iter().all(|(name, value)| newest.fields.get(name) == Some(value)) {
-            let mut fields: std::collections::BTreeMap<&str, &str> = pair.base.iter().collect();
-            fields.extend(set.iter());
-            if let Ok(base) = crate::fields::Fields::try_from_pairs(fields) {
+        if patch.iter().all(|(name, value)| newest.fields.get(name) == value) {
+            if let Ok(base) = patch.apply(&pair.base) {
                 cache.restore_links(state, vec![MappingEntry { base, ..pair }])?;
             }
         }

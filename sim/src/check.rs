@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crmsync::ids::{CrmId, EntryId};
 use crmsync::mailbox::{Mailbox, MailboxItem, Tracking};
+use crmsync::queue::QueueEntry;
 use crmsync::server::{CrmService, ServerRecord};
 use crmsync::settle::SyncState;
 use crmsync::{ChangeOp, RecordKey};
@@ -117,20 +118,9 @@ pub fn after_run(
         // A pair with changes still queued is not settled yet (its action failed this run, after
         // an earlier try may have half-applied it): the run that settles it must repair it, and
         // convergence checks that it did.
-        let mut unsettled_ids = BTreeSet::new();
-        let mut unsettled_entries = BTreeSet::new();
         // Likewise a pair whose failed change the user chose to ignore ("ignored errors aside").
         let ignored = state.ignored.iter().map(|i| &i.entry);
-        for queued in state.queue.iter_unordered().chain(ignored) {
-            match queued.change.key() {
-                RecordKey::Crm(c) => {
-                    unsettled_ids.insert(*c);
-                }
-                RecordKey::Outlook(e) => {
-                    unsettled_entries.insert(e.clone());
-                }
-            }
-        }
+        let (unsettled_ids, unsettled_entries) = keys_of(state.queue.iter_unordered().chain(ignored));
         for entry in state.mapping.entries() {
             if unsettled_ids.contains(&entry.crm_id) || unsettled_entries.contains(&entry.entry_id) {
                 continue;
@@ -159,21 +149,34 @@ fn ignored(w: &World, u: usize) -> Result<(BTreeSet<CrmId>, BTreeSet<EntryId>), 
     let mut ids = BTreeSet::new();
     let mut entries = BTreeSet::new();
     for &m in w.machines_of(u) {
-        for ignored in load(w, m)?.ignored {
-            match ignored.entry.change.key() {
-                RecordKey::Crm(c) => {
-                    ids.insert(*c);
-                }
-                RecordKey::Outlook(e) => {
-                    entries.insert(e.clone());
-                }
-            }
-            if let ChangeOp::Create(r) | ChangeOp::Update(r) = ignored.entry.change.op() {
+        let ignored: Vec<QueueEntry> = load(w, m)?.ignored.into_iter().map(|i| i.entry).collect();
+        let (keyed_ids, keyed_entries) = keys_of(ignored.iter());
+        ids.extend(keyed_ids);
+        entries.extend(keyed_entries);
+        for entry in &ignored {
+            if let ChangeOp::Create(r) | ChangeOp::Update(r) = entry.change.op() {
                 ids.extend(r.crm_id);
             }
         }
     }
     Ok((ids, entries))
+}
+
+/// The records (by `CrmId`) and items (by `EntryId`) some entries are keyed by.
+fn keys_of<'e>(entries: impl Iterator<Item = &'e QueueEntry>) -> (BTreeSet<CrmId>, BTreeSet<EntryId>) {
+    let mut ids = BTreeSet::new();
+    let mut items = BTreeSet::new();
+    for entry in entries {
+        match entry.change.key() {
+            RecordKey::Crm(c) => {
+                ids.insert(*c);
+            }
+            RecordKey::Outlook(e) => {
+                items.insert(e.clone());
+            }
+        }
+    }
+    (ids, items)
 }
 
 /// Convergence (DOMAIN 6.1 and 6.3): every user's primary holds exactly its filtered records,

@@ -292,6 +292,23 @@ pub struct ServerRecord {
     pub attendees: Vec<SystemUserId>,
 }
 
+impl ServerRecord {
+    /// Whether the record is in `user`'s sync filter: owned, or a calendar item attended. The
+    /// same rule as the SQL of [`ServerStore::records_in_filter`], for a reader holding copies.
+    pub fn is_in_filter_of(&self, user: SystemUserId) -> bool {
+        self.owner == user || (self.object_type.is_calendar() && self.attendees.contains(&user))
+    }
+}
+
+/// The answer of [`ServerStore::changed_since`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangedSince {
+    /// Records written since, as they are now, in version order.
+    pub written: Vec<ServerRecord>,
+    /// Records deleted since, with the version of their delete, in version order.
+    pub deleted: Vec<(CrmId, VersionNumber)>,
+}
+
 /// The server's database.
 pub struct ServerStore {
     conn: Connection,
@@ -424,8 +441,23 @@ impl RecordRow {
     }
 }
 
-/// The entity codes of calendar items, for SQL.
-const CALENDAR_CODES: &str = "4201, 4214, 4251";
+/// The entity codes of calendar items, for SQL (a macro, so `concat!` can splice it too).
+macro_rules! calendar_codes {
+    () => {
+        "4201, 4214, 4251"
+    };
+}
+const CALENDAR_CODES: &str = calendar_codes!();
+
+/// The ids of the live records in the sync filter of user `?1`: owned, or calendar items
+/// attended. A UNION, not an OR, so each half uses its index instead of scanning every record.
+const FILTER_IDS: &str = concat!(
+    "SELECT ObjectId FROM Record WHERE OwnerId = ?1 \
+     UNION SELECT a.ObjectId FROM Attendee a JOIN Record c ON c.ObjectId = a.ObjectId \
+     WHERE a.SystemUserId = ?1 AND c.ObjectTypeCode IN (",
+    calendar_codes!(),
+    ")"
+);
 
 /// One prepared change joined with its record as it is now.
 struct PreparedRow {
@@ -473,9 +505,9 @@ fn status_code(status: ActivityStatus) -> i64 {
 /// The one place that knows every table keyed by `SubscriptionId` (unlink and cleanup both use it).
 pub(crate) fn remove_subscription_rows(conn: &Connection, id: SubscriptionId) -> Result<(), rusqlite::Error> {
     let text = id.to_string();
-    conn.execute("DELETE FROM SubscriptionClients WHERE SubscriptionId = ?1", [&text])?;
-    conn.execute("DELETE FROM PreparedChange WHERE SubscriptionId = ?1", [&text])?;
-    conn.execute("DELETE FROM Subscription WHERE SubscriptionId = ?1", [&text])?;
+    conn.prepare_cached("DELETE FROM SubscriptionClients WHERE SubscriptionId = ?1")?.execute([&text])?;
+    conn.prepare_cached("DELETE FROM PreparedChange WHERE SubscriptionId = ?1")?.execute([&text])?;
+    conn.prepare_cached("DELETE FROM Subscription WHERE SubscriptionId = ?1")?.execute([&text])?;
     // Spelled from the id: `SyncEntry_` and 32 hex digits, nothing else.
     conn.execute_batch(&format!("DROP TABLE IF EXISTS {}", id.sync_entry_table()))
 }
@@ -584,26 +616,30 @@ impl ServerStore {
     }
 
     fn next_version(&self) -> Result<VersionNumber, ServerError> {
-        let v: i64 = self.conn.query_row(
-            "UPDATE Counter SET Value = Value + 1 WHERE Name = 'VersionNumber' RETURNING Value",
-            [],
-            |r| r.get(0),
-        )?;
+        let v: i64 = self
+            .conn
+            .prepare_cached(
+                "UPDATE Counter SET Value = Value + 1 WHERE Name = 'VersionNumber' RETURNING Value",
+            )?
+            .query_row([], |r| r.get(0))?;
         version("Counter", v)
     }
 
     pub fn add_user(&mut self, user: SystemUserId, full_name: &str) -> Result<(), ServerError> {
-        self.conn.execute(
-            "INSERT INTO SystemUser VALUES (?1, ?2) ON CONFLICT (SystemUserId) DO UPDATE SET FullName = ?2",
-            params![user.to_string(), full_name],
-        )?;
+        self.conn
+            .prepare_cached(
+                "INSERT INTO SystemUser VALUES (?1, ?2) \
+                 ON CONFLICT (SystemUserId) DO UPDATE SET FullName = ?2",
+            )?
+            .execute(params![user.to_string(), full_name])?;
         Ok(())
     }
 
     fn check_user(&self, user: SystemUserId) -> Result<(), ServerError> {
         let found: Option<i64> = self
             .conn
-            .query_row("SELECT 1 FROM SystemUser WHERE SystemUserId = ?1", [user.to_string()], |r| r.get(0))
+            .prepare_cached("SELECT 1 FROM SystemUser WHERE SystemUserId = ?1")?
+            .query_row([user.to_string()], |r| r.get(0))
             .optional()?;
         found.map(|_| ()).ok_or(ServerError::UnknownUser(user))
     }
@@ -630,12 +666,37 @@ impl ServerStore {
     pub fn records_in_filter(&self, user: SystemUserId) -> Result<Vec<ServerRecord>, ServerError> {
         // One query (checks run it after every simulated sync).
         let mut stmt = self.conn.prepare_cached(&format!(
-            "{RECORD_SELECT} WHERE r.OwnerId = ?1 OR (r.ObjectTypeCode IN ({CALENDAR_CODES}) \
-             AND EXISTS (SELECT 1 FROM Attendee a WHERE a.ObjectId = r.ObjectId AND a.SystemUserId = ?1)) \
-             ORDER BY r.ObjectId"
+            "{RECORD_SELECT} WHERE r.ObjectId IN ({FILTER_IDS}) ORDER BY r.ObjectId"
         ))?;
         let rows = stmt.query_map([user.to_string()], RecordRow::read)?;
         rows.map(|row| row?.decode()).collect()
+    }
+
+    /// What the server wrote after version `since`: the records written since, as they are now,
+    /// and the records deleted since, as `(CrmId, version of the delete)`, each in version order.
+    /// Every write and every delete takes a new, never reused version, so a reader that keeps
+    /// the newest version it saw keeps a copy of every record current by reading only the
+    /// difference (the simulator's checks, after every run).
+    pub fn changed_since(&self, since: VersionNumber) -> Result<ChangedSince, ServerError> {
+        let since = since.0 as i64;
+        let written = {
+            let mut stmt = self.conn.prepare_cached(&format!(
+                "{RECORD_SELECT} WHERE r.VersionNumber > ?1 ORDER BY r.VersionNumber"
+            ))?;
+            let rows = stmt.query_map([since], RecordRow::read)?;
+            rows.map(|row| row?.decode()).collect::<Result<Vec<_>, _>>()?
+        };
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT ObjectId, VersionNumber FROM Tombstone WHERE VersionNumber > ?1 ORDER BY VersionNumber",
+        )?;
+        let rows = stmt.query_map([since], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        let deleted = rows
+            .map(|row| {
+                let (id, v) = row?;
+                Ok((parse_crm_id("Tombstone", &id)?, version("Tombstone", v)?))
+            })
+            .collect::<Result<Vec<_>, ServerError>>()?;
+        Ok(ChangedSince { written, deleted })
     }
 
     /// Every record, in `CrmId` order (checks and reports).
@@ -656,7 +717,8 @@ impl ServerStore {
     fn is_tombstoned(&self, crm_id: CrmId) -> Result<bool, ServerError> {
         let found: Option<i64> = self
             .conn
-            .query_row("SELECT 1 FROM Tombstone WHERE ObjectId = ?1", [crm_id.to_string()], |r| r.get(0))
+            .prepare_cached("SELECT 1 FROM Tombstone WHERE ObjectId = ?1")?
+            .query_row([crm_id.to_string()], |r| r.get(0))
             .optional()?;
         Ok(found.is_some())
     }
@@ -672,10 +734,8 @@ impl ServerStore {
     fn write(&self, r: &ServerRecord) -> Result<VersionNumber, ServerError> {
         let v = self.next_version()?;
         let fields = serde_json::to_string(&r.fields).map_err(|e| corrupt("Record", "Fields", e))?;
-        self.conn.execute(
-            "INSERT INTO Record VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (ObjectId) DO UPDATE SET \
-             ObjectTypeCode = ?2, OwnerId = ?3, VersionNumber = ?4, Fields = ?5, GlobalObjectId = ?6, StateCode = ?7",
-            params![
+        self.conn.prepare_cached("INSERT INTO Record VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (ObjectId) DO UPDATE SET \
+             ObjectTypeCode = ?2, OwnerId = ?3, VersionNumber = ?4, Fields = ?5, GlobalObjectId = ?6, StateCode = ?7")?.execute(params![
                 r.crm_id.to_string(),
                 r.object_type.code(),
                 r.owner.to_string(),
@@ -685,12 +745,13 @@ impl ServerStore {
                 status_code(r.status),
             ],
         )?;
-        self.conn.execute("DELETE FROM Attendee WHERE ObjectId = ?1", [r.crm_id.to_string()])?;
+        self.conn
+            .prepare_cached("DELETE FROM Attendee WHERE ObjectId = ?1")?
+            .execute([r.crm_id.to_string()])?;
         for user in &r.attendees {
-            self.conn.execute(
-                "INSERT OR IGNORE INTO Attendee VALUES (?1, ?2)",
-                params![r.crm_id.to_string(), user.to_string()],
-            )?;
+            self.conn
+                .prepare_cached("INSERT OR IGNORE INTO Attendee VALUES (?1, ?2)")?
+                .execute(params![r.crm_id.to_string(), user.to_string()])?;
         }
         Ok(v)
     }
@@ -743,19 +804,13 @@ impl ServerStore {
     ) -> Result<(SystemUserId, SubscriptionType, String, u64), ServerError> {
         let row = self
             .conn
-            .query_row(
+            .prepare_cached(
                 "SELECT SystemUserId, SubscriptionType, SyncEntryTableName, AckedVersion FROM Subscription \
                  WHERE SubscriptionId = ?1",
-                [id.to_string()],
-                |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, i64>(1)?,
-                        r.get::<_, String>(2)?,
-                        r.get::<_, i64>(3)?,
-                    ))
-                },
-            )
+            )?
+            .query_row([id.to_string()], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?))
+            })
             .optional()?
             .ok_or(ServerError::UnknownSubscription(id))?;
         let kind = SubscriptionType::from_code(row.1)
@@ -794,11 +849,10 @@ impl ServerStore {
     fn term(&self, id: SubscriptionId) -> Result<Option<u64>, ServerError> {
         let row: Option<(i64, i64)> = self
             .conn
-            .query_row(
+            .prepare_cached(
                 "SELECT IsPrimaryClient, PrimaryTerm FROM SubscriptionClients WHERE SubscriptionId = ?1",
-                [id.to_string()],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
+            )?
+            .query_row([id.to_string()], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
         Ok(match row {
             Some((1, term)) => {
@@ -811,11 +865,8 @@ impl ServerStore {
     fn is_primary(&self, id: SubscriptionId) -> Result<bool, ServerError> {
         let primary: Option<i64> = self
             .conn
-            .query_row(
-                "SELECT IsPrimaryClient FROM SubscriptionClients WHERE SubscriptionId = ?1",
-                [id.to_string()],
-                |r| r.get(0),
-            )
+            .prepare_cached("SELECT IsPrimaryClient FROM SubscriptionClients WHERE SubscriptionId = ?1")?
+            .query_row([id.to_string()], |r| r.get(0))
             .optional()?;
         Ok(primary == Some(1))
     }
@@ -884,10 +935,8 @@ impl CrmService for ServerStore {
         let id =
             SubscriptionId(Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("subscription/{}", seed.0).as_bytes()));
         let table = id.sync_entry_table();
-        self.conn.execute(
-            "INSERT INTO Subscription (SubscriptionId, SystemUserId, MachineName, SubscriptionType, SyncEntryTableName, \
-             CreatedOn) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![id.to_string(), user.to_string(), machine, kind.code(), table, self.now()],
+        self.conn.prepare_cached("INSERT INTO Subscription (SubscriptionId, SystemUserId, MachineName, SubscriptionType, SyncEntryTableName, \
+             CreatedOn) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?.execute(params![id.to_string(), user.to_string(), machine, kind.code(), table, self.now()],
         )?;
         self.conn.execute_batch(&format!(
             "CREATE TABLE {table} (ObjectId TEXT PRIMARY KEY, ObjectTypeCode INTEGER NOT NULL, \
@@ -895,19 +944,24 @@ impl CrmService for ServerStore {
         ))?;
         let has_primary: Option<i64> = self
             .conn
-            .query_row(
+            .prepare_cached(
                 "SELECT 1 FROM SubscriptionClients c JOIN Subscription s USING (SubscriptionId) \
                  WHERE s.SystemUserId = ?1 AND s.SubscriptionType = ?2 AND c.IsPrimaryClient = 1",
-                params![user.to_string(), kind.code()],
-                |r| r.get(0),
-            )
+            )?
+            .query_row(params![user.to_string(), kind.code()], |r| r.get(0))
             .optional()?;
         let primary = has_primary.is_none();
-        self.conn.execute(
-            "INSERT INTO SubscriptionClients (SubscriptionId, ClientId, IsPrimaryClient, PrimaryTerm) \
+        self.conn
+            .prepare_cached(
+                "INSERT INTO SubscriptionClients (SubscriptionId, ClientId, IsPrimaryClient, PrimaryTerm) \
              VALUES (?1, ?2, ?3, ?4)",
-            params![id.to_string(), machine, i64::from(primary), if primary { seed.0 as i64 } else { 0 }],
-        )?;
+            )?
+            .execute(params![
+                id.to_string(),
+                machine,
+                i64::from(primary),
+                if primary { seed.0 as i64 } else { 0 }
+            ])?;
         tx.commit()?;
         Ok(id)
     }
@@ -926,12 +980,13 @@ impl CrmService for ServerStore {
         let (user, kind, _, _) = self.subscription(subscription)?;
         let tx = self.conn.unchecked_transaction()?;
         let term = self.next_version()?;
-        self.conn.execute(
-            "UPDATE SubscriptionClients SET IsPrimaryClient = (SubscriptionId = ?1), \
+        self.conn
+            .prepare_cached(
+                "UPDATE SubscriptionClients SET IsPrimaryClient = (SubscriptionId = ?1), \
              PrimaryTerm = CASE WHEN SubscriptionId = ?1 THEN ?4 ELSE 0 END WHERE SubscriptionId IN \
              (SELECT SubscriptionId FROM Subscription WHERE SystemUserId = ?2 AND SubscriptionType = ?3)",
-            params![subscription.to_string(), user.to_string(), kind.code(), term.0 as i64],
-        )?;
+            )?
+            .execute(params![subscription.to_string(), user.to_string(), kind.code(), term.0 as i64])?;
         tx.commit()?;
         Ok(())
     }
@@ -952,7 +1007,7 @@ impl CrmService for ServerStore {
         let id = subscription.to_string();
         let now = self.now();
         let tx = self.conn.unchecked_transaction()?;
-        self.conn.execute("DELETE FROM PreparedChange WHERE SubscriptionId = ?1", [&id])?;
+        self.conn.prepare_cached("DELETE FROM PreparedChange WHERE SubscriptionId = ?1")?.execute([&id])?;
         let mut summary = SyncSummary::new();
         // A secondary client reads: nothing to do.
         if self.is_primary(subscription)? {
@@ -973,14 +1028,11 @@ impl CrmService for ServerStore {
             }
         }
         let total = summary.total();
-        self.conn.execute(
-            "UPDATE Subscription SET LastSyncStartedOn = ?2 WHERE SubscriptionId = ?1",
-            params![&id, &now],
-        )?;
-        self.conn.execute(
-            "INSERT INTO SubscriptionSyncInfo (SubscriptionId, StartTime, InsertObjectCount, UpdateObjectCount, \
-             DeleteObjectCount) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![&id, &now, total.create, total.update, total.delete],
+        self.conn
+            .prepare_cached("UPDATE Subscription SET LastSyncStartedOn = ?2 WHERE SubscriptionId = ?1")?
+            .execute(params![&id, &now])?;
+        self.conn.prepare_cached("INSERT INTO SubscriptionSyncInfo (SubscriptionId, StartTime, InsertObjectCount, UpdateObjectCount, \
+             DeleteObjectCount) VALUES (?1, ?2, ?3, ?4, ?5)")?.execute(params![&id, &now, total.create, total.update, total.delete],
         )?;
         tx.commit()?;
         Ok(summary)
@@ -1078,11 +1130,12 @@ impl CrmService for ServerStore {
             page.last_seq = Some(row.seq as u64);
         }
         drop((hold, handed));
-        self.conn.execute(
-            "UPDATE SubscriptionSyncInfo SET DataSize = DataSize + ?2 WHERE SyncInfoId = \
+        self.conn
+            .prepare_cached(
+                "UPDATE SubscriptionSyncInfo SET DataSize = DataSize + ?2 WHERE SyncInfoId = \
              (SELECT MAX(SyncInfoId) FROM SubscriptionSyncInfo WHERE SubscriptionId = ?1)",
-            params![&id, page.data_size as i64],
-        )?;
+            )?
+            .execute(params![&id, page.data_size as i64])?;
         tx.commit()?;
         Ok(page)
     }
@@ -1109,36 +1162,35 @@ impl CrmService for ServerStore {
             let Some(handed_out) = handed_out else { break };
             // A delete handed out is held no more (2); anything else is held (0).
             let state = if *handed_out == kind_code(ChangeKind::Delete) { 2 } else { 0 };
-            self.conn.execute(
-                &format!("UPDATE {table} SET State = ?2 WHERE ObjectId = ?1"),
-                params![object, state],
-            )?;
+            self.conn
+                .prepare_cached(&format!("UPDATE {table} SET State = ?2 WHERE ObjectId = ?1"))?
+                .execute(params![object, state])?;
             watermark = watermark.max(version("PreparedChange", *v)?.0);
             through = *seq;
         }
-        self.conn.execute(
-            "DELETE FROM PreparedChange WHERE SubscriptionId = ?1 AND Seq <= ?2",
-            params![&id, through],
-        )?;
-        let remaining: i64 = self.conn.query_row(
-            "SELECT COUNT(*) FROM PreparedChange WHERE SubscriptionId = ?1",
-            [&id],
-            |r| r.get(0),
-        )?;
-        self.conn.execute(
-            "UPDATE Subscription SET AckedVersion = ?2 WHERE SubscriptionId = ?1",
-            params![&id, watermark as i64],
-        )?;
+        self.conn
+            .prepare_cached("DELETE FROM PreparedChange WHERE SubscriptionId = ?1 AND Seq <= ?2")?
+            .execute(params![&id, through])?;
+        let remaining: i64 = self
+            .conn
+            .prepare_cached("SELECT COUNT(*) FROM PreparedChange WHERE SubscriptionId = ?1")?
+            .query_row([&id], |r| r.get(0))?;
+        self.conn
+            .prepare_cached("UPDATE Subscription SET AckedVersion = ?2 WHERE SubscriptionId = ?1")?
+            .execute(params![&id, watermark as i64])?;
         if remaining == 0 {
-            self.conn.execute(
-                "UPDATE Subscription SET CompletedSyncStartedOn = LastSyncStartedOn WHERE SubscriptionId = ?1",
-                [&id],
-            )?;
-            self.conn.execute(
-                "UPDATE SubscriptionSyncInfo SET EndTime = ?2 WHERE SyncInfoId = \
+            self.conn
+                .prepare_cached(
+                    "UPDATE Subscription SET CompletedSyncStartedOn = LastSyncStartedOn \
+                     WHERE SubscriptionId = ?1",
+                )?
+                .execute([&id])?;
+            self.conn
+                .prepare_cached(
+                    "UPDATE SubscriptionSyncInfo SET EndTime = ?2 WHERE SyncInfoId = \
                  (SELECT MAX(SyncInfoId) FROM SubscriptionSyncInfo WHERE SubscriptionId = ?1)",
-                params![&id, &now],
-            )?;
+                )?
+                .execute(params![&id, &now])?;
         }
         tx.commit()?;
         Ok(())
@@ -1161,11 +1213,8 @@ impl CrmService for ServerStore {
                 let same_record = existing.object_type == object_type && existing.goid == record.goid;
                 let held: Option<i64> = self
                     .conn
-                    .query_row(
-                        &format!("SELECT VersionNumber FROM {table} WHERE ObjectId = ?1"),
-                        [crm_id.to_string()],
-                        |r| r.get(0),
-                    )
+                    .prepare_cached(&format!("SELECT VersionNumber FROM {table} WHERE ObjectId = ?1"))?
+                    .query_row([crm_id.to_string()], |r| r.get(0))
                     .optional()?;
                 // Untouched since this client's own create: a retry carrying the item's newer
                 // values (the user edited it while the answer was lost) is that client's update.
@@ -1234,11 +1283,10 @@ impl CrmService for ServerStore {
             None => {
                 let tomb: Option<(i64, i64)> = self
                     .conn
-                    .query_row(
+                    .prepare_cached(
                         "SELECT ObjectTypeCode, VersionNumber FROM Tombstone WHERE ObjectId = ?1",
-                        [crm_id.to_string()],
-                        |r| Ok((r.get(0)?, r.get(1)?)),
-                    )
+                    )?
+                    .query_row([crm_id.to_string()], |r| Ok((r.get(0)?, r.get(1)?)))
                     .optional()?;
                 self.forget_held(&table, crm_id)?;
                 match tomb {
@@ -1270,9 +1318,8 @@ impl CrmService for ServerStore {
     fn delete_record(&mut self, crm_id: CrmId) -> Result<VersionNumber, ServerError> {
         if let Some(v) = self
             .conn
-            .query_row("SELECT VersionNumber FROM Tombstone WHERE ObjectId = ?1", [crm_id.to_string()], |r| {
-                r.get::<_, i64>(0)
-            })
+            .prepare_cached("SELECT VersionNumber FROM Tombstone WHERE ObjectId = ?1")?
+            .query_row([crm_id.to_string()], |r| r.get::<_, i64>(0))
             .optional()?
         {
             return version("Tombstone", v);
@@ -1281,12 +1328,13 @@ impl CrmService for ServerStore {
         let tx = self.conn.unchecked_transaction()?;
         let v = self.next_version()?;
         let id = crm_id.to_string();
-        self.conn.execute("DELETE FROM Record WHERE ObjectId = ?1", [&id])?;
-        self.conn.execute("DELETE FROM Attendee WHERE ObjectId = ?1", [&id])?;
-        self.conn.execute(
-            "INSERT INTO Tombstone VALUES (?1, ?2, ?3)",
-            params![&id, record.object_type.code(), v.0 as i64],
-        )?;
+        self.conn.prepare_cached("DELETE FROM Record WHERE ObjectId = ?1")?.execute([&id])?;
+        self.conn.prepare_cached("DELETE FROM Attendee WHERE ObjectId = ?1")?.execute([&id])?;
+        self.conn.prepare_cached("INSERT INTO Tombstone VALUES (?1, ?2, ?3)")?.execute(params![
+            &id,
+            record.object_type.code(),
+            v.0 as i64
+        ])?;
         tx.commit()?;
         Ok(v)
     }

@@ -277,11 +277,65 @@ impl Serialize for Fields {
 }
 
 impl<'de> Deserialize<'de> for Fields {
+    /// Reads a map of name to value straight into a field set: names and values are borrowed
+    /// from the input where the format allows (no escapes), and every limit of
+    /// [`Fields::try_from_pairs`] is checked. A name given twice is refused
+    /// ([`FieldsError::Duplicate`]), not silently resolved to one of its values.
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        // A map format cannot carry a name twice past serde (the last wins), so duplicates in the
-        // input are caught by formats that report them and otherwise collapse here.
-        let map = BTreeMap::<String, String>::deserialize(d)?;
-        Fields::try_from_pairs(map).map_err(serde::de::Error::custom)
+        d.deserialize_map(FieldsVisitor)
+    }
+}
+
+struct FieldsVisitor;
+
+impl<'de> serde::de::Visitor<'de> for FieldsVisitor {
+    type Value = Fields;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a map of field name to value")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Fields, A::Error> {
+        let mut pairs: Vec<(Text<'de>, Text<'de>)> = Vec::with_capacity(map.size_hint().unwrap_or(0).min(16));
+        while let Some(pair) = map.next_entry::<Text<'de>, Text<'de>>()? {
+            if pairs.len() == FIELD_COUNT_MAX {
+                // Refuse before reading (and allocating) any more of an oversized input.
+                return Err(serde::de::Error::custom(FieldsError::TooMany(FIELD_COUNT_MAX + 1)));
+            }
+            pairs.push(pair);
+        }
+        Fields::try_from_pairs(pairs).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A string read by serde: borrowed from the input when it can be, owned when it must be.
+struct Text<'de>(std::borrow::Cow<'de, str>);
+
+impl AsRef<str> for Text<'_> {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Text<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct TextVisitor;
+        impl<'de> serde::de::Visitor<'de> for TextVisitor {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Text<'de>, E> {
+                Ok(Text(std::borrow::Cow::Borrowed(v)))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Text<'de>, E> {
+                Ok(Text(std::borrow::Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Text<'de>, E> {
+                Ok(Text(std::borrow::Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(TextVisitor)
     }
 }
 

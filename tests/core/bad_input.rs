@@ -2,6 +2,7 @@
 //! and change construction are covered next to their types in `src/`.)
 
 use crmsync::ObjectTypeCode::{Appointment, Contact, Email, ServiceAppointment, Task};
+use crmsync::fields::{FIELD_COUNT_MAX, FIELD_NAME_LEN_MAX};
 use crmsync::*;
 
 use crate::support::*;
@@ -366,4 +367,24 @@ fn an_item_keeps_the_first_id_chosen_for_it_when_a_later_change_carries_another(
     );
     let plan = world.plan().unwrap();
     assert!(matches!(&plan.actions[0].op, ActionOp::CreateInCrm { crm_id, .. } if *crm_id == id(100)));
+}
+
+#[test]
+fn fields_read_from_json_refuse_a_name_given_twice_and_every_limit() {
+    let read = |json: &str| serde_json::from_str::<Fields>(json).map_err(|e| e.to_string());
+    // Escaped and plain strings read alike.
+    let fields = read(r#"{"b":"two","a":"line\none"}"#).unwrap();
+    assert_eq!(fields, Fields::try_from_pairs([("a", "line\none"), ("b", "two")]).unwrap());
+    // A name given twice is refused, naming it, rather than resolved to either value.
+    let twice = read(r#"{"a":"1","a":"2"}"#).unwrap_err();
+    assert!(twice.contains(r#"field "a" is given twice"#), "{twice}");
+    assert!(read(r#"{"":"x"}"#).unwrap_err().contains("must not be empty"));
+    let long_name = format!(r#"{{"{}":"x"}}"#, "n".repeat(FIELD_NAME_LEN_MAX + 1));
+    assert!(read(&long_name).unwrap_err().contains("longer than"));
+    let many: Vec<String> = (0..=FIELD_COUNT_MAX).map(|i| format!(r#""f{i:03}":"x""#)).collect();
+    let too_many = read(&format!("{{{}}}", many.join(","))).unwrap_err();
+    assert!(too_many.contains(&format!("{} fields, more than", FIELD_COUNT_MAX + 1)), "{too_many}");
+    // Not a map, or a value that is not a string: a clear error, no panic.
+    assert!(read(r#"["a","b"]"#).unwrap_err().contains("a map of field name to value"));
+    assert!(read(r#"{"a":1}"#).is_err());
 }

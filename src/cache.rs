@@ -10,6 +10,7 @@
 //! or is of a newer version is refused with a typed error naming the file, before anything is
 //! written to it.
 
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
@@ -97,6 +98,13 @@ pub struct SyncCache {
     conn: Connection,
     /// Whether a group of durable steps is open (see [`SyncCache::begin`]).
     in_group: bool,
+    /// Whether [`SyncCache::load`] may answer from `last_load` (see [`SyncCache::reuse_loads`]).
+    reuse_loads: bool,
+    /// What the last committed-state load read, with SQLite's `data_version` at the time.
+    /// Emptied by every method that writes (they all take `&mut self` and go through
+    /// [`SyncCache::writer`]), so it can only be stale if another connection wrote the file,
+    /// which `data_version` reveals.
+    last_load: RefCell<Option<(i64, SyncState)>>,
 }
 
 impl std::fmt::Debug for SyncCache {
@@ -148,7 +156,7 @@ impl SyncCache {
         conn.pragma_update(None, "journal_mode", "WAL").map_err(sqlite)?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(sqlite)?;
         conn.set_prepared_statement_cache_capacity(64);
-        let cache = SyncCache { conn, in_group: false };
+        let cache = SyncCache { conn, in_group: false, reuse_loads: false, last_load: RefCell::new(None) };
         if fresh {
             cache.create_schema().map_err(sqlite)?;
         } else if version == 1 {
@@ -161,7 +169,7 @@ impl SyncCache {
     pub fn in_memory() -> Result<SyncCache, rusqlite::Error> {
         let conn = Connection::open_in_memory()?;
         conn.set_prepared_statement_cache_capacity(64);
-        let cache = SyncCache { conn, in_group: false };
+        let cache = SyncCache { conn, in_group: false, reuse_loads: false, last_load: RefCell::new(None) };
         cache.create_schema()?;
         Ok(cache)
     }
@@ -177,56 +185,77 @@ impl SyncCache {
         self.conn.execute_batch(&format!("BEGIN; {MIGRATE_V1_TO_V2} PRAGMA user_version = 2; COMMIT;"))
     }
 
-    /// Reads the whole state: queue, mapping and ignored errors, each row validated.
+    /// Reads the whole state: queue, mapping and ignored errors, each row validated. Text
+    /// columns are read in place (borrowed from SQLite's row), not copied first.
     pub fn load(&self) -> Result<SyncState, CacheError> {
+        // Only a load outside any transaction reads committed state that a later rollback
+        // cannot take back; only such a load is kept or answered from what was kept.
+        let settled = self.reuse_loads && !self.in_group && self.conn.is_autocommit();
+        if !settled {
+            return self.read_state();
+        }
+        let version: i64 = self.conn.prepare_cached("PRAGMA data_version")?.query_row([], |r| r.get(0))?;
+        if let Some((seen, state)) = &*self.last_load.borrow() {
+            if *seen == version {
+                return Ok(state.clone());
+            }
+        }
+        let state = self.read_state()?;
+        *self.last_load.borrow_mut() = Some((version, state.clone()));
+        Ok(state)
+    }
+
+    /// Lets [`SyncCache::load`] answer a repeated load with a copy of the state it last read,
+    /// as long as nothing wrote the cache in between (this connection or another: SQLite's
+    /// `data_version`). For a caller that loads the same cache often, such as the simulator's
+    /// checks between sync runs; it keeps one more copy of the state in memory. Off by default.
+    pub fn reuse_loads(&mut self, on: bool) {
+        self.reuse_loads = on;
+        self.last_load.get_mut().take();
+    }
+
+    /// The connection, for a method about to write: forgets the kept load first.
+    fn writer(&mut self) -> &Connection {
+        self.last_load.get_mut().take();
+        &self.conn
+    }
+
+    fn read_state(&self) -> Result<SyncState, CacheError> {
         let mut state = SyncState::default();
         let mut stmt = self
             .conn
             .prepare_cached("SELECT Id, Change, Attempts, LastError FROM OutlookSyncTable ORDER BY Id")?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, Option<String>>(3)?,
-            ))
-        })?;
-        for row in rows {
-            let (id, change, attempts, last_error) = row?;
-            state.queue.insert(queue_entry("OutlookSyncTable", id, &change, attempts, last_error)?)?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let t = "OutlookSyncTable";
+            let entry = queue_entry(t, row.get(0)?, text(row, 1, t, "Change")?, row.get(2)?, row.get(3)?)?;
+            state.queue.insert(entry)?;
         }
         let mut stmt = self.conn.prepare_cached(
             "SELECT CrmId, EntryId, ObjectTypeCode, Base, Goid, Role, Status, CrmVersion FROM IdMappingTable \
              ORDER BY CrmId",
         )?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, Option<String>>(4)?,
-                r.get::<_, String>(5)?,
-                r.get::<_, String>(6)?,
-                r.get::<_, Option<i64>>(7)?,
-            ))
-        })?;
-        for row in rows {
-            let (crm_id, entry_id, otc, base, goid, role, status, version) = row?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
             let t = "IdMappingTable";
+            let (crm_id, entry_id, base) =
+                (text(row, 0, t, "CrmId")?, text(row, 1, t, "EntryId")?, text(row, 3, t, "Base")?);
+            let (otc, goid, version): (i64, Option<String>, Option<i64>) =
+                (row.get(2)?, row.get(4)?, row.get(7)?);
+            let (role, status) = (text(row, 5, t, "Role")?, text(row, 6, t, "Status")?);
             let entry = MappingEntry {
-                crm_id: crm_id.parse::<CrmId>().map_err(|_| corrupt(t, "CrmId", &crm_id))?,
-                entry_id: EntryId::new(entry_id.clone()).map_err(|_| corrupt(t, "EntryId", &entry_id))?,
+                crm_id: crm_id.parse::<CrmId>().map_err(|_| corrupt(t, "CrmId", crm_id))?,
+                entry_id: EntryId::new(entry_id.to_owned()).map_err(|_| corrupt(t, "EntryId", entry_id))?,
                 object_type: u32::try_from(otc)
                     .ok()
                     .and_then(|c| ObjectTypeCode::try_from(c).ok())
                     .ok_or_else(|| corrupt(t, "ObjectTypeCode", otc))?,
-                base: serde_json::from_str(&base).map_err(|_| corrupt(t, "Base", &base))?,
+                base: serde_json::from_str(base).map_err(|_| corrupt(t, "Base", base))?,
                 goid: goid
                     .map(|g| crate::ids::GlobalObjectId::from_hex(&g).map_err(|_| corrupt(t, "Goid", &g)))
                     .transpose()?,
-                role: serde_json::from_str(&role).map_err(|_| corrupt(t, "Role", &role))?,
-                status: serde_json::from_str(&status).map_err(|_| corrupt(t, "Status", &status))?,
+                role: serde_json::from_str(role).map_err(|_| corrupt(t, "Role", role))?,
+                status: serde_json::from_str(status).map_err(|_| corrupt(t, "Status", status))?,
                 crm_version: version
                     .map(|v| {
                         u64::try_from(v)
@@ -240,19 +269,11 @@ impl SyncCache {
         let mut stmt = self
             .conn
             .prepare_cached("SELECT Id, Change, Attempts, LastError, Error FROM IgnoredErrors ORDER BY Id")?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, Option<String>>(3)?,
-                r.get::<_, String>(4)?,
-            ))
-        })?;
-        for row in rows {
-            let (id, change, attempts, last_error, error) = row?;
-            let entry = queue_entry("IgnoredErrors", id, &change, attempts, last_error)?;
-            state.ignored.push(IgnoredError { entry, error });
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let t = "IgnoredErrors";
+            let entry = queue_entry(t, row.get(0)?, text(row, 1, t, "Change")?, row.get(2)?, row.get(3)?)?;
+            state.ignored.push(IgnoredError { entry, error: row.get(4)? });
         }
         Ok(state)
     }
@@ -365,7 +386,7 @@ impl SyncCache {
     /// (commit every N outcomes). A crash loses the open group, never part of a step.
     pub fn begin(&mut self) -> Result<(), CacheError> {
         if !self.in_group {
-            self.conn.execute_batch("BEGIN IMMEDIATE")?;
+            self.writer().execute_batch("BEGIN IMMEDIATE")?;
             self.in_group = true;
         }
         Ok(())
@@ -374,7 +395,7 @@ impl SyncCache {
     /// Makes the open group durable.
     pub fn commit(&mut self) -> Result<(), CacheError> {
         if self.in_group {
-            self.conn.execute_batch("COMMIT")?;
+            self.writer().execute_batch("COMMIT")?;
             self.in_group = false;
         }
         Ok(())
@@ -385,17 +406,19 @@ impl SyncCache {
     pub fn abandon_group(&mut self) -> Result<(), CacheError> {
         if self.in_group {
             self.in_group = false;
-            self.conn.execute_batch("ROLLBACK")?;
+            self.writer().execute_batch("ROLLBACK")?;
         }
         Ok(())
     }
 
     /// Runs one durable step: in its own transaction, or inside the open group.
     fn step<T>(&mut self, write: impl FnOnce(&Connection) -> Result<T, CacheError>) -> Result<T, CacheError> {
-        if self.in_group {
-            return write(&self.conn);
+        let in_group = self.in_group;
+        let conn = self.writer();
+        if in_group {
+            return write(conn);
         }
-        let tx = self.conn.unchecked_transaction()?;
+        let tx = conn.unchecked_transaction()?;
         let value = write(&tx)?;
         tx.commit()?;
         Ok(value)
@@ -404,7 +427,8 @@ impl SyncCache {
     pub fn meta(&self, key: &str) -> Result<Option<String>, CacheError> {
         Ok(self
             .conn
-            .query_row("SELECT Value FROM SyncMeta WHERE Key = ?1", [key], |r| r.get(0))
+            .prepare_cached("SELECT Value FROM SyncMeta WHERE Key = ?1")?
+            .query_row([key], |r| r.get(0))
             .optional()?)
     }
 
@@ -419,17 +443,17 @@ impl SyncCache {
 
     pub fn delete_meta(&mut self, key: &str) -> Result<(), CacheError> {
         self.step(|conn| {
-            conn.execute("DELETE FROM SyncMeta WHERE Key = ?1", [key])?;
+            conn.prepare_cached("DELETE FROM SyncMeta WHERE Key = ?1")?.execute([key])?;
             Ok(())
         })
     }
 
     pub fn set_meta(&mut self, key: &str, value: &str) -> Result<(), CacheError> {
         self.step(|conn| {
-            conn.execute(
+            conn.prepare_cached(
                 "INSERT INTO SyncMeta VALUES (?1, ?2) ON CONFLICT (Key) DO UPDATE SET Value = ?2",
-                params![key, value],
-            )?;
+            )?
+            .execute(params![key, value])?;
             Ok(())
         })
     }
@@ -445,6 +469,17 @@ impl SyncCache {
             Ok(())
         })
     }
+}
+
+/// Column `i` of `row` as text, borrowed from the row; anything else is a corrupt value.
+fn text<'r>(
+    row: &'r rusqlite::Row<'_>,
+    i: usize,
+    table: &'static str,
+    column: &'static str,
+) -> Result<&'r str, CacheError> {
+    let value = row.get_ref(i)?;
+    value.as_str().map_err(|_| corrupt(table, column, format!("{value:?}")))
 }
 
 fn queue_entry(

@@ -117,8 +117,11 @@ proptest! {
         seed in any::<u64>(),
         fates in proptest::collection::vec(prop_oneof![3 => Just(Fate::Applied), 1 => Just(Fate::Failed), 1 => Just(Fate::Ignored)], 80),
         group in 1usize..5,
+        reuse in any::<bool>(),
     ) {
         let mut cache = SyncCache::in_memory().unwrap();
+        // Kept loads must never show a state the cache no longer holds.
+        cache.reuse_loads(reuse);
         let mut state = SyncState::default();
         cache.enqueue(&mut state, &changes(n, seed)).unwrap();
         let policies = Policies { mass_delete: MassDeleteGuard { confirmed: true, ..Default::default() }, ..Default::default() };
@@ -133,6 +136,9 @@ proptest! {
                 let o = outcome(action, fates[step % fates.len()], step);
                 state = settle(state, action, o);
                 cache.record_settled(&state, action).unwrap();
+                if step % 3 == 0 {
+                    prop_assert_eq!(canonical(&cache.load().unwrap()), canonical(&state));
+                }
                 step += 1;
             }
             cache.commit().unwrap();
@@ -157,6 +163,35 @@ fn an_uncommitted_group_is_lost_whole_on_a_crash() {
     let cache = SyncCache::open(&path).unwrap();
     assert_eq!(cache.load().unwrap().queue.len(), 3);
     assert_eq!(cache.meta("mailbox_cursor").unwrap(), None);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_kept_load_never_outlives_a_write_a_rollback_or_another_connection() {
+    let dir = temp_dir("reuse");
+    let path = dir.join("OutlookSyncCache.sqlite");
+    let mut cache = SyncCache::open(&path).unwrap();
+    cache.reuse_loads(true);
+    let mut state = SyncState::default();
+    cache.enqueue(&mut state, &changes(3, 1)).unwrap();
+    assert_eq!(cache.load().unwrap().queue.len(), 3);
+    assert_eq!(cache.load().unwrap(), cache.load().unwrap(), "a repeated load answers the same");
+    // A write through this connection.
+    cache.enqueue(&mut state, &changes(2, 2)).unwrap();
+    assert_eq!(cache.load().unwrap().queue.len(), 5);
+    // A group: its writes show inside it, and a crash (rollback) takes them back.
+    cache.begin().unwrap();
+    cache.enqueue(&mut state, &changes(4, 3)).unwrap();
+    assert_eq!(cache.load().unwrap().queue.len(), 9);
+    cache.abandon_group().unwrap();
+    assert_eq!(cache.load().unwrap().queue.len(), 5);
+    // Another connection (another process) writing the same file.
+    let mut other = SyncCache::open_existing(&path).unwrap();
+    other.enqueue(&mut SyncState::default(), &changes(1, 4)).unwrap();
+    assert_eq!(cache.load().unwrap().queue.len(), 6);
+    other.clear().unwrap();
+    assert_eq!(canonical(&cache.load().unwrap()), canonical(&SyncState::default()));
+    drop((cache, other));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

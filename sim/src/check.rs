@@ -91,14 +91,14 @@ pub fn after_run(
         }
     }
     // Nothing protected is lost: its record is in CRM, and its items are in their mailboxes.
-    let live = w.server().record_ids().map_err(|e| w.violation(format!("server: {e}")))?;
+    let live = w.live().map_err(|e| w.violation(format!("server: {e}")))?;
     let model = w.model();
     for (h, info) in model.handles.iter().enumerate() {
         if info.unprotected {
             continue;
         }
         if let (Some(c), true) = (info.crm_id, info.seen_in_crm) {
-            if !live.contains(&c) {
+            if !live.contains(c) {
                 return fail(w, format!("record {c} (handle {h}) was lost: no one deleted it"));
             }
         }
@@ -207,8 +207,7 @@ pub fn converged(w: &World) -> Result<(), Violation> {
         let items = items(w, u)?;
         let by_stamp: BTreeMap<CrmId, &MailboxItem> =
             items.iter().filter_map(|i| i.stamp().map(|s| (s, i))).collect();
-        let records =
-            w.server().records_in_filter(w.user_id(u)).map_err(|e| w.violation(format!("server: {e}")))?;
+        let records = w.records_in_filter(u).map_err(|e| w.violation(format!("server: {e}")))?;
         let in_filter: BTreeSet<CrmId> = records.iter().map(|r| r.crm_id).collect();
         for r in &records {
             let h = model.handle_of_crm_id(r.crm_id);

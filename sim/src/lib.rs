@@ -22,6 +22,7 @@
 pub mod check;
 pub mod edge;
 pub mod fault;
+pub mod mirror;
 pub mod model;
 pub mod rng;
 pub mod swarm;

@@ -35,6 +35,7 @@ use uuid::Uuid;
 use crate::check::{self, Violation};
 use crate::edge::{CrashPoint, Desk, FaultDesk, MachineClock, SimMailbox, SimServer};
 use crate::fault::{FaultCounts, FaultKind, Faults, Swarm};
+use crate::mirror::{Live, Mirror};
 use crate::model::{Handle, Model, Place};
 use crate::rng::Rng;
 
@@ -249,6 +250,8 @@ pub struct World {
     start: DateTime<Utc>,
     skew_s: Rc<Cell<i64>>,
     server: ServerStore,
+    /// The server's records as last read (the checks read them after every run).
+    mirror: Mirror,
     users: Vec<User>,
     machines: Vec<Machine>,
     desk: Desk,
@@ -283,6 +286,7 @@ impl World {
             start,
             skew_s,
             server,
+            mirror: Mirror::default(),
             users: Vec::new(),
             machines: Vec::new(),
             desk: Rc::new(RefCell::new(FaultDesk {
@@ -332,7 +336,9 @@ impl World {
                 let m = self.machines.len();
                 let name = format!("U{u}-PC{k}");
                 let subscription = self.server.register_client(id, &name, SubscriptionType::Outlook)?;
-                let cache = SyncCache::in_memory().map_err(crmsync::cache::CacheError::from)?;
+                let mut cache = SyncCache::in_memory().map_err(crmsync::cache::CacheError::from)?;
+                // The checks load the cache after every run and the engine again at the next.
+                cache.reuse_loads(true);
                 let page_size = *rng.pick(&[7usize, 50, 1000]).expect("not empty");
                 let commit_every = *rng.pick(&[1usize, 10, 100]).expect("not empty");
                 let ids = SeededIds::new(Rng::derive(self.seed, &format!("ids/{m}")).next_u64());
@@ -597,10 +603,7 @@ impl World {
             return Ok(false);
         }
         let items = self.users[u].mailbox.all_items().map_err(|e| self.violation(format!("mailbox: {e}")))?;
-        let records = self
-            .server
-            .records_in_filter(self.users[u].id)
-            .map_err(|e| self.violation(format!("server: {e}")))?;
+        let records = self.records_in_filter(u).map_err(|e| self.violation(format!("server: {e}")))?;
         self.observe(u, &items, &records);
         check::after_run(self, m, result.is_ok(), &items, &records)?;
         Ok(changed)
@@ -680,7 +683,7 @@ impl World {
         let who = format!("crm/u{u}");
         let user = self.users[u].id;
         let records: Vec<ServerRecord> =
-            self.server.records_in_filter(user)?.into_iter().filter(|r| r.owner == user).collect();
+            self.records_in_filter(u)?.into_iter().filter(|r| r.owner == user).collect();
         let roll = self.edits.below(100);
         let Some(record) = self.edits.pick(&records).cloned() else {
             return self.crm_create(u, &who);
@@ -874,6 +877,16 @@ impl World {
     pub(crate) fn server(&self) -> &ServerStore {
         &self.server
     }
+
+    /// The live records in user `u`'s sync filter, in `CrmId` order (through the mirror).
+    pub(crate) fn records_in_filter(&self, u: usize) -> Result<Vec<ServerRecord>, ServerError> {
+        self.mirror.in_filter(&self.server, self.users[u].id)
+    }
+
+    /// The ids of the server's live records (through the mirror).
+    pub(crate) fn live(&self) -> Result<Live<'_>, ServerError> {
+        self.mirror.live(&self.server)
+    }
     pub(crate) fn model(&self) -> &Model {
         &self.model
     }
@@ -883,9 +896,7 @@ impl World {
     pub(crate) fn user_count(&self) -> usize {
         self.users.len()
     }
-    pub(crate) fn user_id(&self, u: usize) -> SystemUserId {
-        self.users[u].id
-    }
+
     pub(crate) fn mailbox(&self, u: usize) -> &MemoryMailbox {
         &self.users[u].mailbox
     }

@@ -1,0 +1,144 @@
+//! The simulator's copy of the server's records, as the checks and actors read them after every
+//! run. The copy keeps the newest server version it saw and reads only what the server wrote or
+//! deleted since (`ServerStore::changed_since`), instead of decoding a user's whole filter again
+//! after every run.
+//!
+//! Sound because every server write and delete takes a new, never reused version number (the
+//! server's `Counter`), attendees included, and a deleted record never comes back (its
+//! tombstone refuses it).
+
+use std::cell::{Ref, RefCell};
+use std::collections::BTreeMap;
+
+use crmsync::ids::{CrmId, VersionNumber};
+use crmsync::server::{ServerError, ServerRecord, ServerStore, SystemUserId};
+
+/// Every live record as of `seen`, by `CrmId`.
+#[derive(Debug, Default)]
+pub struct Mirror {
+    inner: RefCell<Held>,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    records: BTreeMap<CrmId, ServerRecord>,
+    seen: VersionNumber,
+}
+
+impl Mirror {
+    /// The live records in `user`'s filter, in `CrmId` order: equal to
+    /// `server.records_in_filter(user)` (the tests below hold it to that).
+    pub fn in_filter(
+        &self,
+        server: &ServerStore,
+        user: SystemUserId,
+    ) -> Result<Vec<ServerRecord>, ServerError> {
+        self.refresh(server)?;
+        Ok(self.inner.borrow().records.values().filter(|r| r.is_in_filter_of(user)).cloned().collect())
+    }
+
+    /// The ids of the server's live records, as a set to ask (equal to `server.record_ids()`).
+    pub fn live(&self, server: &ServerStore) -> Result<Live<'_>, ServerError> {
+        self.refresh(server)?;
+        Ok(Live(self.inner.borrow()))
+    }
+
+    /// Reads what the server wrote and deleted since the newest version seen.
+    fn refresh(&self, server: &ServerStore) -> Result<(), ServerError> {
+        let mut held = self.inner.borrow_mut();
+        let changed = server.changed_since(held.seen)?;
+        for record in changed.written {
+            held.seen = held.seen.max(record.version);
+            held.records.insert(record.crm_id, record);
+        }
+        for (crm_id, version) in changed.deleted {
+            held.seen = held.seen.max(version);
+            held.records.remove(&crm_id);
+        }
+        Ok(())
+    }
+}
+
+/// The live records' ids as the mirror held them when asked.
+pub struct Live<'a>(Ref<'a, Held>);
+
+impl Live<'_> {
+    pub fn contains(&self, crm_id: CrmId) -> bool {
+        self.0.records.contains_key(&crm_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{TimeZone, Utc};
+    use crmsync::ObjectTypeCode;
+    use crmsync::clock::ManualClock;
+    use crmsync::fields::{FieldPatch, Fields};
+    use crmsync::ids::VersionNumber;
+    use crmsync::server::CrmService;
+    use uuid::Uuid;
+
+    fn user(n: u128) -> SystemUserId {
+        SystemUserId::new(Uuid::from_u128(n)).unwrap()
+    }
+
+    fn record(
+        n: u128,
+        otc: ObjectTypeCode,
+        owner: SystemUserId,
+        attendees: Vec<SystemUserId>,
+    ) -> ServerRecord {
+        ServerRecord {
+            crm_id: CrmId::new(Uuid::from_u128(n)).unwrap(),
+            object_type: otc,
+            owner,
+            version: VersionNumber(0),
+            fields: Fields::try_from_pairs([("subject", "first")]).unwrap(),
+            goid: None,
+            status: crmsync::ActivityStatus::Open,
+            attendees,
+        }
+    }
+
+    #[test]
+    fn the_mirror_reads_what_the_server_holds_after_every_kind_of_write() {
+        let clock = ManualClock::new(Utc.with_ymd_and_hms(2026, 1, 5, 8, 0, 0).unwrap());
+        let mut server = ServerStore::in_memory(Box::new(clock)).unwrap();
+        let (a, b) = (user(1), user(2));
+        server.add_user(a, "A").unwrap();
+        server.add_user(b, "B").unwrap();
+        let mirror = Mirror::default();
+        let check = |server: &ServerStore| {
+            for u in [a, b] {
+                assert_eq!(mirror.in_filter(server, u).unwrap(), server.records_in_filter(u).unwrap());
+            }
+            for n in [10, 11, 12] {
+                let crm_id = CrmId::new(Uuid::from_u128(n)).unwrap();
+                assert_eq!(
+                    mirror.live(server).unwrap().contains(crm_id),
+                    server.record_ids().unwrap().contains(&crm_id)
+                );
+            }
+        };
+        let task = record(10, ObjectTypeCode::Task, a, vec![]);
+        let meeting = record(11, ObjectTypeCode::Appointment, a, vec![a, b]);
+        server.put_record(&task).unwrap();
+        server.put_record(&meeting).unwrap();
+        check(&server);
+        assert_eq!(mirror.in_filter(&server, b).unwrap().len(), 1, "b attends the meeting");
+        // A field edit, an owner change, an uninvite, a delete: each seen on the next read.
+        let patch =
+            FieldPatch::between(&task.fields, &Fields::try_from_pairs([("subject", "second")]).unwrap());
+        server.update_record(task.crm_id, &patch).unwrap();
+        check(&server);
+        server.change_owner(task.crm_id, b).unwrap();
+        check(&server);
+        server.set_attendees(meeting.crm_id, vec![a]).unwrap();
+        check(&server);
+        assert_eq!(mirror.in_filter(&server, b).unwrap().len(), 1, "b holds only the task");
+        server.delete_record(task.crm_id).unwrap();
+        check(&server);
+        assert!(mirror.in_filter(&server, b).unwrap().is_empty());
+    }
+}

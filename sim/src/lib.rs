@@ -13,7 +13,8 @@
 //! - [`model`]: the reference model (what the final values must be, from the edits alone);
 //! - [`check`]: safety after every run, convergence after the liveness phase;
 //! - [`world`]: the world, its schedule and its run;
-//! - [`swarm`]: many seeds, with counts per fault kind.
+//! - [`swarm`]: many seeds, with counts per fault kind;
+//! - [`trace`]: the trace lines as data (lane, kind, faults) when a trace is kept.
 //!
 //! It is not a fuzzer of the pure core (that is `tests/core/properties.rs`), nor a load test.
 
@@ -25,6 +26,7 @@ pub mod fault;
 pub mod model;
 pub mod rng;
 pub mod swarm;
+pub mod trace;
 pub mod world;
 
 pub use fault::{FaultCounts, FaultKind, Swarm};

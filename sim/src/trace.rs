@@ -1,5 +1,5 @@
 //! The trace as data: one [`TraceEvent`] per trace line (when a trace is kept), for pictures of a
-//! run and for tests that ask what happened rather than grep lines.
+//! run ([`crate::timeline`]) and for tests that ask what happened rather than grep lines.
 //!
 //! The world records events at one place, `World::log`, from the same pieces the line is made of
 //! (who, what, outcome) plus the fault counters: the faults an event carries are the ones that
@@ -10,7 +10,8 @@
 //!
 //! The counts of a sync run are read back from its outcome text (`ok in 3/out 1 created 0 ...`),
 //! the format `World::sync` writes; a line that does not match is kept with
-//! [`RunOutcome::Unknown`] rather than guessed at.
+//! [`RunOutcome::Unknown`] rather than guessed at, and `sim/tests/timeline.rs` checks real seeds
+//! never produce one.
 
 use crate::fault::{FaultCounts, FaultKind};
 

@@ -13,7 +13,9 @@
 //! - [`model`]: the reference model (what the final values must be, from the edits alone);
 //! - [`check`]: safety after every run, convergence after the liveness phase;
 //! - [`world`]: the world, its schedule and its run;
-//! - [`swarm`]: many seeds, with counts per fault kind.
+//! - [`swarm`]: many seeds, with counts per fault kind;
+//! - [`trace`]: the trace lines as data (lane, kind, faults) when a trace is kept;
+//! - [`timeline`]: a run as one self-contained HTML page with an SVG timeline.
 //!
 //! It is not a fuzzer of the pure core (that is `tests/core/properties.rs`), nor a load test.
 
@@ -26,6 +28,8 @@ pub mod mirror;
 pub mod model;
 pub mod rng;
 pub mod swarm;
+pub mod timeline;
+pub mod trace;
 pub mod world;
 
 pub use fault::{FaultCounts, FaultKind, Swarm};

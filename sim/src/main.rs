@@ -1,10 +1,12 @@
 //! `crmsync-sim`: run one seed with its trace, or a swarm of seeds.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
-use crmsync_sim::world::{FaultChoice, WorldConfig, run_seed};
+use crmsync_sim::timeline::{self, Verdict};
+use crmsync_sim::world::{FaultChoice, Outcome, WorldConfig, run_seed};
 use crmsync_sim::{FaultKind, swarm};
 
 #[derive(Parser)]
@@ -39,6 +41,10 @@ enum Command {
     Run {
         #[arg(long)]
         seed: u64,
+        /// Also writes the run as one self-contained HTML page with an SVG timeline (lanes per
+        /// machine and for the server, runs as bars, faults as marks, hover for the line).
+        #[arg(long, value_name = "FILE")]
+        html: Option<PathBuf>,
     },
     /// Runs many seeds and prints how often each fault kind fired and which seeds failed.
     Swarm {
@@ -69,27 +75,20 @@ fn main() -> ExitCode {
     };
     let world_args = world_args(&cli, &config);
     match cli.command {
-        Command::Run { seed } => match run_seed(seed, &config, true) {
+        Command::Run { seed, html } => match run_seed(seed, &config, true) {
             Ok(outcome) => {
-                for line in outcome.trace.lines.iter().flatten() {
-                    println!("{line}");
-                }
-                let swarm: Vec<&str> = outcome.swarm.rates.keys().map(|k| k.name()).collect();
-                println!("swarm: {}", swarm.join(", "));
-                println!("trace hash: {:016x}", outcome.trace.hash());
-                match outcome.violation {
-                    None => {
-                        println!("seed {seed}: PASS ({} sync runs)", outcome.sync_runs);
-                        ExitCode::SUCCESS
+                let code = print_run(seed, &outcome, &world_args);
+                if let Some(path) = html {
+                    let events = outcome.trace.timeline.as_ref().map_or(&[][..], |t| &t.events[..]);
+                    let title = format!("crmsync-sim run --seed {seed}{world_args}");
+                    let page = timeline::render_html(&title, events, &Verdict::of(&outcome));
+                    if let Err(e) = timeline::write_page(&path, &page) {
+                        eprintln!("crmsync-sim: {e}");
+                        return ExitCode::from(2);
                     }
-                    Some(v) => {
-                        println!("seed {seed}: FAIL at {v}");
-                        println!(
-                            "replay: cargo run --release -p crmsync-sim -- run --seed {seed}{world_args}"
-                        );
-                        ExitCode::FAILURE
-                    }
+                    eprintln!("timeline written to {}", path.display());
                 }
+                code
             }
             Err(e) => {
                 eprintln!("crmsync-sim: {e}");
@@ -143,6 +142,27 @@ fn main() -> ExitCode {
                 }
                 ExitCode::FAILURE
             }
+        }
+    }
+}
+
+/// Prints the trace of one seed and its verdict; the exit code of the verdict.
+fn print_run(seed: u64, outcome: &Outcome, world_args: &str) -> ExitCode {
+    for line in outcome.trace.lines.iter().flatten() {
+        println!("{line}");
+    }
+    let swarm: Vec<&str> = outcome.swarm.rates.keys().map(|k| k.name()).collect();
+    println!("swarm: {}", swarm.join(", "));
+    println!("trace hash: {:016x}", outcome.trace.hash());
+    match &outcome.violation {
+        None => {
+            println!("seed {seed}: PASS ({} sync runs)", outcome.sync_runs);
+            ExitCode::SUCCESS
+        }
+        Some(v) => {
+            println!("seed {seed}: FAIL at {v}");
+            println!("replay: cargo run --release -p crmsync-sim -- run --seed {seed}{world_args}");
+            ExitCode::FAILURE
         }
     }
 }

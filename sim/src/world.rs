@@ -38,6 +38,7 @@ use crate::fault::{FaultCounts, FaultKind, Faults, Swarm};
 use crate::mirror::{Live, Mirror};
 use crate::model::{Handle, Model, Place};
 use crate::rng::Rng;
+use crate::trace::Timeline;
 
 /// Seconds between the sync runs of one machine (DOMAIN: `SyncInterval`, 15 minutes).
 pub const SYNC_INTERVAL_S: i64 = 15 * 60;
@@ -190,11 +191,18 @@ pub struct Trace {
     pub lines: Option<Vec<String>>,
     hash: u64,
     pub events: u64,
+    /// The lines as data (`trace::TraceEvent`), kept when the lines are.
+    pub timeline: Option<Timeline>,
 }
 
 impl Trace {
     fn new(keep: bool) -> Trace {
-        Trace { lines: keep.then(Vec::new), hash: 0xcbf2_9ce4_8422_2325, events: 0 }
+        Trace {
+            lines: keep.then(Vec::new),
+            hash: 0xcbf2_9ce4_8422_2325,
+            events: 0,
+            timeline: keep.then(Timeline::default),
+        }
     }
 
     fn push(&mut self, line: String) {
@@ -472,6 +480,10 @@ impl World {
     fn log(&mut self, who: &str, what: &str, outcome: &str) {
         self.trace.events += 1;
         let line = format!("{} {:<8} {:<14} {}", self.time(), who, what, outcome);
+        if let Some(timeline) = &mut self.trace.timeline {
+            let at_s = (self.clock.now() - self.start).num_seconds();
+            timeline.record(self.at, at_s, (who, what, outcome), &self.desk.borrow().faults.counts, &line);
+        }
         self.trace.push(line);
     }
 

@@ -187,10 +187,26 @@ impl Model {
 
     /// `user` deleted their copy of `h`. Their edits that had not reached CRM go with it: a
     /// queued update followed by a delete folds into the delete (DOMAIN's coalescing).
-    pub fn deleted_in_outlook(&mut self, h: Handle, user: usize) {
+    ///
+    /// When the delete may reach CRM (`may_delete_in_crm`: DOMAIN's delete matrix deletes the
+    /// record for the organiser of a meeting, the owner, or a current task), it also overrides
+    /// every edit its author had seen: those values were in the copy the user deleted. If
+    /// another user's concurrent update then wins over the delete, the record comes back as
+    /// that user's copy holds it, without them; so they are no longer required, only tolerated.
+    pub fn deleted_in_outlook(&mut self, h: Handle, user: usize, may_delete_in_crm: bool) {
         self.handles[h].unprotected = true;
         self.handles[h].deleted_in_outlook_by.push(user);
         self.withdraw_unsent(h, user);
+        if may_delete_in_crm {
+            let place = Place::Outlook(user);
+            for (_, by_place) in self.edits.range_mut((h, String::new())..(h + 1, String::new())) {
+                for (origin, e) in by_place.iter_mut() {
+                    if *origin == place || e.arrived.contains_key(&place) {
+                        e.withdrawn = true;
+                    }
+                }
+            }
+        }
     }
 
     /// `h` was deleted in CRM. If an Outlook update wins over the delete, the record comes back

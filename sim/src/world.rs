@@ -808,7 +808,17 @@ impl World {
             }
             (65..80, Some(item), Some(h)) => {
                 self.users[u].mailbox.user_delete(&item.entry_id)?;
-                self.model.deleted_in_outlook(h, u);
+                // Whether DOMAIN's delete matrix may carry this delete to CRM: never for a
+                // contact; for a meeting unless the user only attends it (an item never synced
+                // has no known role: assume it may).
+                let may_delete_in_crm = match item.object_type {
+                    ObjectTypeCode::Contact => false,
+                    otc if otc.is_calendar() => {
+                        item.synced.as_ref().is_none_or(|b| b.role.owns_or_organises())
+                    }
+                    _ => true,
+                };
+                self.model.deleted_in_outlook(h, u, may_delete_in_crm);
                 self.log(&who, "delete", &item.entry_id.to_string());
             }
             _ => {

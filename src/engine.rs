@@ -310,7 +310,6 @@ fn run<S: CrmService, M: Mailbox>(
         let page = mailbox.changes_since(cursor, config.page_size)?;
         report.mailbox_changes += page.changes.len();
         let changes: Vec<Change> = page.changes.iter().filter_map(|c| outlook_change(c, ids)).collect();
-        let restored = links_kept_on_items(&state, page.changes.iter().filter_map(|c| c.item.as_ref()));
         // An item stamped by a sync that this client sees created (its cache was rebuilt: a new
         // primary machine, an unlink and relink) may name a record the server will never hand
         // out to this subscription (deleted, or out of the filter since): ask.
@@ -322,6 +321,8 @@ fn run<S: CrmService, M: Mailbox>(
                 }
             }
         }
+        let restored =
+            links_kept_on_items(&state, page.changes.iter().filter_map(|c| c.item.as_ref()), &fetched);
         cache.begin()?;
         cache.restore_links(&mut state, restored)?;
         cache.enqueue(&mut state, &fetched)?;
@@ -341,7 +342,7 @@ fn run<S: CrmService, M: Mailbox>(
     // its item stays stamped.
     if cache.meta(APPLYING_KEY)?.as_deref() == Some("1") {
         let items = items_of_unmapped_entries(&state, mailbox)?;
-        let restored = links_kept_on_items(&state, items.iter());
+        let restored = links_kept_on_items(&state, items.iter(), &[]);
         cache.restore_links(&mut state, restored)?;
         durable(observer, DurableStep::RestoreLinks)?;
     }
@@ -401,15 +402,37 @@ fn run<S: CrmService, M: Mailbox>(
 /// and the cache's record of it leaves, and what a rebuilt cache (another primary machine, an
 /// unlink and relink) finds; restoring them first makes the queued changes merge against the
 /// base both sides really agreed on, so an edit made since is not lost to an empty base.
+///
+/// An unversioned base was stamped before its CRM create was confirmed. It is restored only
+/// once CRM is known to hold the record (a change of it is queued, or in `arriving`): then the
+/// create landed, with exactly those fields (the `CrmId` is the create's own, chosen by this
+/// client), and they are the base both sides agreed on. Otherwise a queued create retries it.
+/// (Found by crmsync-sim, seed 54: a create whose answer was lost, then an unlink and relink
+/// that dropped the queued create; the item's next edit met the record with an empty base, lost
+/// the conflict with its own earlier value, and was overwritten.)
 fn links_kept_on_items<'i>(
     state: &SyncState,
     items: impl Iterator<Item = &'i MailboxItem>,
+    arriving: &[Change],
 ) -> Vec<MappingEntry> {
+    // Built only if an unversioned base turns up (rare: a create interrupted mid-air).
+    let queued_crm = std::cell::OnceCell::new();
+    let in_crm = |crm_id: CrmId| {
+        let queued: &std::collections::HashSet<CrmId> = queued_crm.get_or_init(|| {
+            let keys =
+                state.queue.iter_unordered().map(|e| e.change.key()).chain(arriving.iter().map(Change::key));
+            keys.filter_map(|k| match k {
+                RecordKey::Crm(id) => Some(*id),
+                RecordKey::Outlook(_) => None,
+            })
+            .collect()
+        });
+        queued.contains(&crm_id)
+    };
     let mut out: Vec<MappingEntry> = Vec::new();
     for item in items {
         let (Some(crm_id), Some(base)) = (item.stamp(), item.synced.as_ref()) else { continue };
-        if base.crm_version.is_none() {
-            // Stamped before its CRM create was confirmed: the queued create will retry it.
+        if base.crm_version.is_none() && !in_crm(crm_id) {
             continue;
         }
         let newer = match state.mapping.get(crm_id) {
@@ -492,7 +515,7 @@ fn reconcile<S: CrmService, M: Mailbox>(
     cache.set_meta(MAILBOX_CURSOR_KEY, &MailboxCursor::START.0.to_string())?;
     cache.forget_links(state, &stale)?;
     let held: std::collections::BTreeSet<CrmId> = state.mapping.iter_unordered().map(|m| m.crm_id).collect();
-    let restored = links_kept_on_items(state, items.iter());
+    let restored = links_kept_on_items(state, items.iter(), &[]);
     cache.restore_links(state, restored)?;
     let mut fetched = Vec::new();
     let mut asked = std::collections::BTreeSet::new();
@@ -689,7 +712,16 @@ fn apply<S: CrmService, M: Mailbox>(
                         other => mailbox_write(other)?,
                     }
                 }
-                relink(mailbox, entry_id, *crm_id, synced_base(action, v))?;
+                match relink(mailbox, entry_id, *crm_id, synced_base(action, v)) {
+                    // Both writes landed and the item already carries its stamp: only the base
+                    // kept on the item lags (restored only when newer than the cache's), so the
+                    // action succeeded. Failing it would keep the change queued against a base
+                    // that lags the write, and the user's next edit of the item would lose a
+                    // conflict with the very value it replaced (found by crmsync-sim, seed 123
+                    // once seed 54 was fixed: an item locked between update and relink).
+                    Err(Failure::Item(_)) if stamped_with(mailbox, entry_id, *crm_id) => {}
+                    other => other?,
+                }
                 Ok(Applied { entry_id: None, crm_version: v })
             })
         }
@@ -812,6 +844,11 @@ fn synced_base(action: &Action, version: Option<crate::ids::VersionNumber>) -> O
         crm_version: p.crm_version.max(version),
         role: p.role,
     })
+}
+
+/// Whether the item `entry_id` exists and carries the stamp `crm_id`.
+fn stamped_with<M: Mailbox>(mailbox: &M, entry_id: &EntryId, crm_id: CrmId) -> bool {
+    matches!(mailbox.get(entry_id), Ok(Some(item)) if item.stamp() == Some(crm_id))
 }
 
 /// Makes sure the item carries `crm_id` (a link, a re-created record) and, when the action

@@ -365,8 +365,18 @@ fn run<S: CrmService, M: Mailbox>(
         if in_group == 0 && config.commit_every > 1 {
             cache.begin()?;
         }
-        if matches!(outcome, Outcome::Failed(_) | Outcome::FailedIgnored(_)) {
-            note_uncertain_write(cache, action)?;
+        match &outcome {
+            // Nothing was written: queue the record as it is now, so the next run merges it
+            // (the server notes it as held, so it is not handed out again behind it).
+            Outcome::Failed(e) if e.kind == ItemErrorKind::ChangedSince => {
+                if let ActionOp::Update { crm_id, .. } = &action.op {
+                    let now = server.fetch_record(subscription, *crm_id)?;
+                    cache.enqueue(&mut state, &now.into_iter().collect::<Vec<_>>())?;
+                }
+            }
+            // A failed action may have written to CRM before failing.
+            Outcome::Failed(_) | Outcome::FailedIgnored(_) => note_uncertain_write(cache, action)?,
+            Outcome::Applied(_) => {}
         }
         durable(observer, DurableStep::ApplyAction)?;
         count(&mut report, action, &outcome);
@@ -643,8 +653,14 @@ fn apply<S: CrmService, M: Mailbox>(
     subscription: SubscriptionId,
     config: &EngineConfig,
 ) -> Result<Outcome, EngineError> {
+    // A write that waits for a concurrent change to be merged is no error the user could choose
+    // to ignore: the next run merges and retries it whatever the choice.
     let failed = |error: ItemError| {
-        if config.ignore_all_errors { Outcome::FailedIgnored(error) } else { Outcome::Failed(error) }
+        if config.ignore_all_errors && error.kind != ItemErrorKind::ChangedSince {
+            Outcome::FailedIgnored(error)
+        } else {
+            Outcome::Failed(error)
+        }
     };
     let result = match &action.op {
         ActionOp::Reject { error } => {
@@ -692,9 +708,17 @@ fn apply<S: CrmService, M: Mailbox>(
                 // The new version becomes the pair's known version only if the patch was written
                 // over the version this plan knew; if someone wrote in between, their change
                 // must still come back as a change, not be dropped as stale.
+                // With a known version the write is conditional: a record someone changed since
+                // the version the merge started from is not overwritten (found by crmsync-sim,
+                // seeds 50 and 61: a CRM edit held back by a late page, or made after the run
+                // read its pages, was written over by the item's conflicting edit). The run
+                // then queues the record as it is, and the next run merges it.
                 let known = pending(&action.link).and_then(|p| p.crm_version);
-                server_write(server.update_record(*crm_id, to_crm))
-                    .map(|u| if Some(u.previous) == known { Some(u.version) } else { None })
+                let written = match known {
+                    Some(v) => server.update_record_if(*crm_id, to_crm, v),
+                    None => server.update_record(*crm_id, to_crm),
+                };
+                server_write(written).map(|u| if Some(u.previous) == known { Some(u.version) } else { None })
             };
             version.and_then(|v| {
                 if !to_outlook.is_empty() {
@@ -768,6 +792,9 @@ impl From<ServerError> for Failure {
             // A store or the network failing is not the item's fault: the run stops.
             ServerError::Sqlite(_) | ServerError::Corrupt { .. } | ServerError::Unreachable(_) => {
                 Failure::Fatal(error.into())
+            }
+            ServerError::ChangedSince { .. } => {
+                Failure::Item(ItemError::new(ItemErrorKind::ChangedSince, error.to_string()))
             }
             other => Failure::Item(ItemError::new(ItemErrorKind::Rejected, other.to_string())),
         }

@@ -614,7 +614,10 @@ impl<'m> Planner<'m> {
                 self.create_in_crm(ctx, entry_id, o, outlook.as_ref().and_then(|o| o.crm_id))
             }
             (None, Some(Write(o)), Some(m)) => {
-                self.update(ctx, DecisionRow::OutlookChangeMapped, m, None, Some(o), m.crm_version)
+                // A CRM change dropped as an echo still says which version holds the base:
+                // the write to CRM is made over that version.
+                let known = m.crm_version.max(crm_version(&crm));
+                self.update(ctx, DecisionRow::OutlookChangeMapped, m, None, Some(o), known)
             }
             (None, Some(Gone(_)), Some(m)) => self.outlook_delete(ctx, DecisionRow::OutlookDeleteMapped, m),
             (None, Some(Gone(_)), None) => ctx.act(

@@ -195,6 +195,10 @@ pub enum ServerError {
     /// item-level failure, retried by the next run.
     #[error("the CRM service rejected the write of record {crm_id}: {reason}")]
     Rejected { crm_id: CrmId, reason: String },
+    /// A conditional write found the record at another version than the one its merge
+    /// started from: someone wrote in between, and nothing was written.
+    #[error("record {crm_id} changed since {expected} (it is at {current}); nothing was written")]
+    ChangedSince { crm_id: CrmId, expected: VersionNumber, current: VersionNumber },
 }
 
 /// A page of *get sync data*.
@@ -266,6 +270,17 @@ pub trait CrmService {
     /// Writes `patch` over the record. The answer says which version the patch was written
     /// over: a client that last knew another one learns that someone else wrote in between.
     fn update_record(&mut self, crm_id: CrmId, patch: &FieldPatch) -> Result<Updated, ServerError>;
+    /// Writes `patch` over the record only if it is still at version `expected` (the version
+    /// the client's merge started from). If someone wrote since and the patch would change
+    /// anything, nothing is written and the answer is [`ServerError::ChangedSince`]: the
+    /// client merges that change first instead of overwriting it. A patch that changes nothing
+    /// succeeds whatever the version.
+    fn update_record_if(
+        &mut self,
+        crm_id: CrmId,
+        patch: &FieldPatch,
+        expected: VersionNumber,
+    ) -> Result<Updated, ServerError>;
     /// Deletes a record; deleting a deleted record is a success.
     fn delete_record(&mut self, crm_id: CrmId) -> Result<VersionNumber, ServerError>;
 }
@@ -779,6 +794,26 @@ impl ServerStore {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// Writes `patch` over the record; with `expected`, only over that version.
+    fn write_patch(
+        &mut self,
+        crm_id: CrmId,
+        patch: &FieldPatch,
+        expected: Option<VersionNumber>,
+    ) -> Result<Updated, ServerError> {
+        let record = self.existing(crm_id)?;
+        let previous = record.version;
+        let fields = patch.apply(&record.fields)?;
+        if fields == record.fields {
+            return Ok(Updated { version: previous, previous });
+        }
+        if let Some(expected) = expected.filter(|&v| v != previous) {
+            return Err(ServerError::ChangedSince { crm_id, expected, current: previous });
+        }
+        let version = self.put_record(&ServerRecord { fields, ..record })?;
+        Ok(Updated { version, previous })
     }
 
     /// Gives a record to another owner (it leaves the old owner's filter).
@@ -1305,14 +1340,16 @@ impl CrmService for ServerStore {
     }
 
     fn update_record(&mut self, crm_id: CrmId, patch: &FieldPatch) -> Result<Updated, ServerError> {
-        let record = self.existing(crm_id)?;
-        let previous = record.version;
-        let fields = patch.apply(&record.fields)?;
-        if fields == record.fields {
-            return Ok(Updated { version: previous, previous });
-        }
-        let version = self.put_record(&ServerRecord { fields, ..record })?;
-        Ok(Updated { version, previous })
+        self.write_patch(crm_id, patch, None)
+    }
+
+    fn update_record_if(
+        &mut self,
+        crm_id: CrmId,
+        patch: &FieldPatch,
+        expected: VersionNumber,
+    ) -> Result<Updated, ServerError> {
+        self.write_patch(crm_id, patch, Some(expected))
     }
 
     fn delete_record(&mut self, crm_id: CrmId) -> Result<VersionNumber, ServerError> {

@@ -189,6 +189,16 @@ impl CrmService for SimServer<'_> {
         self.call("update_record", |s| s.update_record(crm_id, patch))
     }
 
+    fn update_record_if(
+        &mut self,
+        crm_id: CrmId,
+        patch: &FieldPatch,
+        expected: VersionNumber,
+    ) -> Result<Updated, ServerError> {
+        self.reject(crm_id)?;
+        self.call("update_record", |s| s.update_record_if(crm_id, patch, expected))
+    }
+
     fn delete_record(&mut self, crm_id: CrmId) -> Result<VersionNumber, ServerError> {
         self.reject(crm_id)?;
         self.call("delete_record", |s| s.delete_record(crm_id))

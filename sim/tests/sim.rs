@@ -26,24 +26,10 @@ fn a_seed_replays_byte_for_byte() {
 /// pass, and a listed seed that starts passing must leave the list: either way CI turns red.
 /// A fix changes the traces of many seeds, so it may expose a finding in a seed that passed
 /// before; that seed joins the list under its class (seeds 50 and 61 did when the fix of seed
-/// 54 changed their runs). Replay one with
+/// 54 changed their runs, until the conditional CRM write fixed them). Replay one with
 /// `cargo run --release -p crmsync-sim -- run --seed S` (`CRMSYNC_SIM_WATCH=<CrmId>` follows a
 /// record).
-const KNOWN_OPEN: &[(u64, &str)] = &[
-    (50, CONCURRENT_WRITE),
-    (61, CONCURRENT_WRITE),
-    (202, LOST_UPDATE),
-    (238, LOST_UPDATE),
-    (286, LOST_UPDATE),
-    (315, LOST_UPDATE),
-];
-
-/// A CRM write made over a CRM change this client has not merged yet (held back by a late page,
-/// or made after the run fetched its pages): the write is blind, so the concurrent change is
-/// overwritten instead of meeting the item's edit in a merge. The fix needs a conditional write
-/// (only over the version the merge started from) and a pair whose version advances when a
-/// change is dropped as an echo; a first try without the latter stalled convergence.
-const CONCURRENT_WRITE: &str = "a CRM write over a CRM change the client had not merged yet";
+const KNOWN_OPEN: &[(u64, &str)] = &[(238, LOST_UPDATE)];
 
 /// A client write whose outcome the cache lost leaves the pair's base behind CRM (what remains
 /// after the uncertain-write notes: a crash after a write, its note or cache on another machine
@@ -61,6 +47,11 @@ const FIXED: &[(u64, &str)] = &[
     (54, "engine: an unconfirmed create's base restored once CRM is known to hold the record"),
     (123, "engine: an update whose relink hit a locked item still succeeds when the item is stamped"),
     (171, "engine: as seed 54"),
+    (50, "engine: a CRM write is conditional on the version its merge started from"),
+    (61, "engine: as seed 50"),
+    (202, "engine: as seed 50"),
+    (286, "engine: as seed 50"),
+    (315, "engine: as seed 50"),
 ];
 
 #[test]

@@ -193,6 +193,134 @@ fn a_failure_stays_queued_unless_errors_are_ignored() {
     assert_eq!(state.ignored[0].entry.attempts, 2);
 }
 
+/// The real store, with someone else editing a record in CRM between the moment a run read its
+/// pages and the moment it writes that record: the race a conditional write exists for.
+struct EditedMeanwhile<'a> {
+    inner: &'a mut ServerStore,
+    edit: Option<(CrmId, FieldPatch)>,
+}
+
+impl EditedMeanwhile<'_> {
+    fn race(&mut self, crm_id: CrmId) {
+        if let Some((id, patch)) = self.edit.take_if(|(id, _)| *id == crm_id) {
+            self.inner.update_record(id, &patch).unwrap();
+        }
+    }
+}
+
+impl CrmService for EditedMeanwhile<'_> {
+    fn register_client(
+        &mut self,
+        user: SystemUserId,
+        machine: &str,
+        kind: SubscriptionType,
+    ) -> Result<SubscriptionId, ServerError> {
+        self.inner.register_client(user, machine, kind)
+    }
+    fn is_primary_client(&self, s: SubscriptionId) -> Result<bool, ServerError> {
+        self.inner.is_primary_client(s)
+    }
+    fn primary_term(&self, s: SubscriptionId) -> Result<Option<u64>, ServerError> {
+        self.inner.primary_term(s)
+    }
+    fn set_primary_client(&mut self, s: SubscriptionId) -> Result<(), ServerError> {
+        self.inner.set_primary_client(s)
+    }
+    fn unregister_client(&mut self, s: SubscriptionId) -> Result<(), ServerError> {
+        self.inner.unregister_client(s)
+    }
+    fn prepare_sync(&mut self, s: SubscriptionId) -> Result<SyncSummary, ServerError> {
+        self.inner.prepare_sync(s)
+    }
+    fn get_sync_data(
+        &mut self,
+        s: SubscriptionId,
+        after: Option<u64>,
+        size: usize,
+    ) -> Result<SyncPage, ServerError> {
+        self.inner.get_sync_data(s, after, size)
+    }
+    fn acknowledge(&mut self, s: SubscriptionId, through: u64) -> Result<(), ServerError> {
+        self.inner.acknowledge(s, through)
+    }
+    fn create_record(
+        &mut self,
+        s: SubscriptionId,
+        crm_id: CrmId,
+        otc: ObjectTypeCode,
+        record: &Record,
+    ) -> Result<VersionNumber, ServerError> {
+        self.inner.create_record(s, crm_id, otc, record)
+    }
+    fn fetch_record(&mut self, s: SubscriptionId, crm_id: CrmId) -> Result<Option<Change>, ServerError> {
+        self.inner.fetch_record(s, crm_id)
+    }
+    fn update_record(&mut self, crm_id: CrmId, patch: &FieldPatch) -> Result<Updated, ServerError> {
+        self.race(crm_id);
+        self.inner.update_record(crm_id, patch)
+    }
+    fn update_record_if(
+        &mut self,
+        crm_id: CrmId,
+        patch: &FieldPatch,
+        expected: VersionNumber,
+    ) -> Result<Updated, ServerError> {
+        self.race(crm_id);
+        self.inner.update_record_if(crm_id, patch, expected)
+    }
+    fn delete_record(&mut self, crm_id: CrmId) -> Result<VersionNumber, ServerError> {
+        self.inner.delete_record(crm_id)
+    }
+}
+
+#[test]
+fn a_crm_edit_made_while_a_run_writes_is_merged_not_overwritten() {
+    // Under "ignore all errors" too: a write that waits for a merge is no error to ignore.
+    for ignore_all_errors in [false, true] {
+        let mut world = World::new();
+        let mut laptop = world.machine(0, "LAPTOP", "AA");
+        world.put(1, 0, Contact, &[("fullname", "Alice"), ("jobtitle", "Dev")], &[]);
+        world.sync(&mut laptop, &EngineConfig::default());
+        let item = laptop.mailbox.find_by_stamp(id(1)).unwrap().unwrap();
+        // In Outlook the name changes; in CRM, while the run is on its way, name and title.
+        laptop
+            .mailbox
+            .user_update(&item, f(&[("fullname", "Alice (Outlook)"), ("jobtitle", "Dev")]))
+            .unwrap();
+        let theirs = FieldPatch::between(
+            &f(&[("fullname", "Alice"), ("jobtitle", "Dev")]),
+            &f(&[("fullname", "Alice (CRM)"), ("jobtitle", "Lead")]),
+        );
+        let config = EngineConfig { ignore_all_errors, ..EngineConfig::default() };
+        let mut racing = EditedMeanwhile { inner: &mut world.server, edit: Some((id(1), theirs)) };
+        let edges = Edges {
+            server: &mut racing,
+            mailbox: &mut laptop.mailbox,
+            cache: &mut laptop.cache,
+            ids: &mut laptop.ids,
+            observer: &mut NoObserver,
+        };
+        let raced = run_sync(edges, laptop.subscription, &config).unwrap();
+        assert_eq!(raced.by_entity[&Contact].failed, 1, "the write waits: {raced:?}");
+        assert_eq!(
+            world.server.record(id(1)).unwrap().unwrap().fields,
+            f(&[("fullname", "Alice (CRM)"), ("jobtitle", "Lead")]),
+            "nothing was written over the CRM edit"
+        );
+        let state = laptop.cache.load().unwrap();
+        assert!(state.ignored.is_empty(), "not ignored: {:?}", state.ignored);
+        // The next run merges both edits: the name conflicts (CRM wins by default), the title
+        // changed in CRM only.
+        let merged = world.sync(&mut laptop, &config);
+        assert_eq!(merged.by_entity[&Contact].failed, 0, "{merged:?}");
+        assert_eq!(
+            laptop.mailbox.get(&item).unwrap().unwrap().fields,
+            f(&[("fullname", "Alice (CRM)"), ("jobtitle", "Lead")])
+        );
+        assert_converged(&world, &laptop);
+    }
+}
+
 #[test]
 fn unlinking_keeps_every_item_and_record() {
     let mut world = World::new();

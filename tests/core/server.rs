@@ -257,6 +257,40 @@ fn only_the_primary_client_is_handed_changes() {
 }
 
 #[test]
+fn a_conditional_update_never_overwrites_a_version_it_did_not_start_from() {
+    let mut store = store();
+    let v1 =
+        store.put_record(&record(1, 0, Contact, &[("fullname", "Alice"), ("jobtitle", "Dev")], &[])).unwrap();
+    let alice = f(&[("fullname", "Alice"), ("jobtitle", "Dev")]);
+    // Someone else writes: the record moves past v1.
+    let v2 = store
+        .update_record(
+            id(1),
+            &FieldPatch::between(&alice, &f(&[("fullname", "Alice"), ("jobtitle", "Lead")])),
+        )
+        .unwrap()
+        .version;
+    let lead = store.record(id(1)).unwrap().unwrap();
+    // A write over v1 is refused, naming both versions, and writes nothing.
+    let mine = FieldPatch::between(&alice, &f(&[("fullname", "Alice B"), ("jobtitle", "Dev")]));
+    match store.update_record_if(id(1), &mine, v1) {
+        Err(ServerError::ChangedSince { crm_id, expected, current }) => {
+            assert_eq!((crm_id, expected, current), (id(1), v1, v2));
+        }
+        other => panic!("expected ChangedSince, got {other:?}"),
+    }
+    assert_eq!(store.record(id(1)).unwrap().unwrap(), lead);
+    // A patch that changes nothing succeeds whatever the version, writing nothing.
+    let same = FieldPatch::between(&alice, &f(&[("fullname", "Alice"), ("jobtitle", "Lead")]));
+    assert_eq!(store.update_record_if(id(1), &same, v1).unwrap(), Updated { version: v2, previous: v2 });
+    // Over the version it started from, the write lands.
+    let v3 = store.update_record_if(id(1), &mine, v2).unwrap();
+    assert_eq!(v3.previous, v2);
+    assert!(v3.version > v2);
+    assert_eq!(store.record(id(1)).unwrap().unwrap().fields.get("fullname"), Some("Alice B"));
+}
+
+#[test]
 fn client_creates_are_idempotent_and_ids_are_never_reused() {
     let mut store = store();
     let sub = store.register_client(user(0), "LAPTOP", SubscriptionType::Outlook).unwrap();

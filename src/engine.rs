@@ -347,6 +347,8 @@ fn run<S: CrmService, M: Mailbox>(
         durable(observer, DurableStep::RestoreLinks)?;
     }
     resolve_uncertain_writes(cache, &mut state)?;
+    let agreed = agreed_through_earlier_snapshots(&state);
+    cache.restore_links(&mut state, agreed)?;
     cache.set_meta(APPLYING_KEY, "1")?;
 
     // Steps 4 to 7: plan, apply, settle.
@@ -586,6 +588,74 @@ fn resolve_uncertain_writes(cache: &mut SyncCache, state: &mut SyncState) -> Res
         cache.delete_meta(&key)?;
     }
     Ok(())
+}
+
+/// A write whose outcome was lost (the process killed right after it) leaves CRM holding a state
+/// the item passed through, while the pair's base lags behind it: the item's next edit would
+/// then be merged as a conflict with its own earlier value, and lose to it (found by
+/// crmsync-sim, seed 238). For each mapped pair with queued changes from both sides and more
+/// than one queued Outlook update, every field whose newest queued CRM value equals its value
+/// in an earlier queued Outlook snapshot (not the newest) moves the pair's base to that value:
+/// both sides held it, so it is agreed, and the item's newer value was made after it. Whatever
+/// explains the match, the item moved on from that value, so this is no policy choice.
+fn agreed_through_earlier_snapshots(state: &SyncState) -> Vec<MappingEntry> {
+    use std::collections::HashMap;
+    // Outlook updates of mapped items, grouped by item in queue order; most items have one.
+    let mut updates: Vec<(&EntryId, crate::queue::QueueId, &Record)> = state
+        .queue
+        .iter_unordered()
+        .filter_map(|e| match (e.change.key(), e.change.kind(), e.change.record()) {
+            (RecordKey::Outlook(entry_id), ChangeKind::Update, Some(r)) => Some((entry_id, e.id, r)),
+            _ => None,
+        })
+        .collect();
+    updates.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    let runs: Vec<&[(&EntryId, crate::queue::QueueId, &Record)]> =
+        updates.chunk_by(|a, b| a.0 == b.0).filter(|run| run.len() > 1).collect();
+    if runs.is_empty() {
+        return Vec::new();
+    }
+    let mut newest_crm: HashMap<CrmId, (crate::change::ChangeStamp, crate::queue::QueueId, &Record)> =
+        HashMap::new();
+    for e in state.queue.iter_unordered() {
+        let (RecordKey::Crm(crm_id), Some(r)) = (e.change.key(), e.change.record()) else { continue };
+        let candidate = (e.change.stamp(), e.id, r);
+        let slot = newest_crm.entry(*crm_id).or_insert(candidate);
+        if (candidate.0, candidate.1) > (slot.0, slot.1) {
+            *slot = candidate;
+        }
+    }
+    let mut out = Vec::new();
+    for run in runs {
+        let Some(crm_id) = state.mapping.crm_id_of(run[0].0) else { continue };
+        let (Some(pair), Some((_, _, crm))) = (state.mapping.get(crm_id), newest_crm.get(&crm_id)) else {
+            continue;
+        };
+        let (earlier, newest) = run.split_at(run.len() - 1);
+        let newest = &newest[0].2.fields;
+        let mut names: Vec<&str> =
+            crm.fields.iter().map(|(n, _)| n).chain(pair.base.iter().map(|(n, _)| n)).collect();
+        names.sort_unstable();
+        names.dedup();
+        let mut moved = false;
+        let mut base: Vec<(&str, &str)> = Vec::new();
+        for name in names {
+            let in_crm = crm.fields.get(name);
+            let agreed = in_crm != pair.base.get(name)
+                && in_crm != newest.get(name)
+                && earlier.iter().any(|(_, _, snapshot)| snapshot.fields.get(name) == in_crm);
+            moved |= agreed;
+            if let Some(value) = if agreed { in_crm } else { pair.base.get(name) } {
+                base.push((name, value));
+            }
+        }
+        if moved {
+            if let Ok(base) = crate::fields::Fields::try_from_pairs(base) {
+                out.push(MappingEntry { base, ..pair.clone() });
+            }
+        }
+    }
+    out
 }
 
 /// The items the queue's unmapped entries name: by stamp for a CRM change, by EntryId for an

@@ -321,6 +321,50 @@ fn a_crm_edit_made_while_a_run_writes_is_merged_not_overwritten() {
     }
 }
 
+/// Stops the run once the mailbox's changes are queued, before anything is applied.
+struct KillAfterQueueingOutlook;
+
+impl StepObserver for KillAfterQueueingOutlook {
+    fn after(&mut self, step: DurableStep) -> Result<(), Interrupt> {
+        if step == DurableStep::QueueMailboxPage { Err(Interrupt) } else { Ok(()) }
+    }
+}
+
+#[test]
+fn crm_holding_a_value_the_item_has_since_moved_on_from_is_no_conflict() {
+    // What a write whose outcome was lost leaves behind: CRM holds the item's earlier value,
+    // the pair's base predates it, and the item's earlier and newer snapshots are both queued.
+    let mut world = World::new();
+    let mut laptop = world.machine(0, "LAPTOP", "AA");
+    world.put(1, 0, Contact, &[("fullname", "Alice"), ("jobtitle", "Dev")], &[]);
+    world.sync(&mut laptop, &EngineConfig::default());
+    let item = laptop.mailbox.find_by_stamp(id(1)).unwrap().unwrap();
+    laptop.mailbox.user_update(&item, f(&[("fullname", "Alice B"), ("jobtitle", "Dev")])).unwrap();
+    let edges = Edges {
+        server: &mut world.server,
+        mailbox: &mut laptop.mailbox,
+        cache: &mut laptop.cache,
+        ids: &mut laptop.ids,
+        observer: &mut KillAfterQueueingOutlook,
+    };
+    assert!(run_sync(edges, laptop.subscription, &EngineConfig::default()).is_err());
+    let alice = f(&[("fullname", "Alice"), ("jobtitle", "Dev")]);
+    world
+        .server
+        .update_record(
+            id(1),
+            &FieldPatch::between(&alice, &f(&[("fullname", "Alice B"), ("jobtitle", "Dev")])),
+        )
+        .unwrap();
+    laptop.mailbox.user_update(&item, f(&[("fullname", "Alice C"), ("jobtitle", "Dev")])).unwrap();
+    let report = world.sync(&mut laptop, &EngineConfig::default());
+    // Against the old base, "Alice B" in CRM and "Alice C" in Outlook would be a conflict, and
+    // CRM would win with a value the item had already left behind.
+    assert_eq!(report.by_entity[&Contact].merged_conflicts, 0, "{report:?}");
+    assert_eq!(world.server.record(id(1)).unwrap().unwrap().fields.get("fullname"), Some("Alice C"));
+    assert_converged(&world, &laptop);
+}
+
 #[test]
 fn unlinking_keeps_every_item_and_record() {
     let mut world = World::new();

@@ -190,7 +190,7 @@ fn run_scenario(file: &std::path::Path, json: bool, html: Option<&std::path::Pat
         let verdict = if failed.is_empty() {
             Verdict::Passed { summary: format!("scenario {}: every verdict holds", file.display()) }
         } else {
-            Verdict::Failed { what: failed.join("; "), at_step: None }
+            Verdict::Failed { what: failed.join("; "), at_step: ran.failed_at_step }
         };
         let title = format!("crmsync-sim scenario {}", file.display());
         let page = timeline::render_html(&title, &ran.events, &verdict);

@@ -36,7 +36,10 @@ const STEP_S: i64 = 60;
 #[derive(Debug)]
 pub struct Ran {
     pub state: FinalState,
+    /// One event per step but `check` (the step number is the index in `steps` plus one).
     pub events: Vec<TraceEvent>,
+    /// The event number of the first `check` step that failed, for the timeline's red line.
+    pub failed_at_step: Option<u64>,
 }
 
 /// Runs `scenario`. A bad reference or an impossible step is an error naming its path; a check
@@ -49,7 +52,7 @@ pub fn run(scenario: &Scenario) -> Result<Ran, ScenarioError> {
         r.do_step(i, step)?;
     }
     let state = r.final_state()?;
-    Ok(Ran { state, events: r.events })
+    Ok(Ran { state, events: r.events, failed_at_step: r.failed_at_step })
 }
 
 struct UserRt {
@@ -88,6 +91,8 @@ struct Runner<'s> {
     events: Vec<TraceEvent>,
     runs: Vec<RunLog>,
     check_failures: Vec<String>,
+    /// The event number of the first check that failed.
+    failed_at_step: Option<u64>,
     unfired: Vec<String>,
     _scenario: std::marker::PhantomData<&'s Scenario>,
 }
@@ -238,6 +243,7 @@ impl<'s> Runner<'s> {
             events: Vec::new(),
             runs: Vec::new(),
             check_failures: Vec::new(),
+            failed_at_step: None,
             unfired: Vec::new(),
             _scenario: std::marker::PhantomData,
         };
@@ -686,8 +692,11 @@ impl<'s> Runner<'s> {
             Step::Check(c) => {
                 let path = format!("steps[{i}].check");
                 let failures = self.check(&path, c)?;
-                let outcome = if failures.is_empty() { "ok".to_owned() } else { failures.join("; ") };
-                self.log("world", "check", &outcome, Vec::new());
+                // A check is not an event of the world (the timeline's world lane draws the
+                // liveness phase); a failed one is the verdict's red line.
+                if !failures.is_empty() && self.failed_at_step.is_none() {
+                    self.failed_at_step = Some(i as u64 + 1);
+                }
                 self.check_failures.extend(failures);
                 Ok(())
             }

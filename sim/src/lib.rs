@@ -15,7 +15,9 @@
 //! - [`world`]: the world, its schedule and its run;
 //! - [`swarm`]: many seeds, with counts per fault kind;
 //! - [`trace`]: the trace lines as data (lane, kind, faults) when a trace is kept;
-//! - [`timeline`]: a run as one self-contained HTML page with an SVG timeline.
+//! - [`timeline`]: a run as one self-contained HTML page with an SVG timeline;
+//! - [`scenario`]: hand-written scenario files run through the same edges, with a canonical
+//!   final state and verdicts.
 //!
 //! It is not a fuzzer of the pure core (that is `tests/core/properties.rs`), nor a load test.
 
@@ -27,6 +29,7 @@ pub mod fault;
 pub mod mirror;
 pub mod model;
 pub mod rng;
+pub mod scenario;
 pub mod swarm;
 pub mod timeline;
 pub mod trace;

@@ -7,7 +7,7 @@ use std::time::Instant;
 use clap::{Parser, Subcommand};
 use crmsync_sim::timeline::{self, Verdict};
 use crmsync_sim::world::{FaultChoice, Outcome, WorldConfig, run_seed};
-use crmsync_sim::{FaultKind, swarm};
+use crmsync_sim::{FaultKind, scenario, swarm};
 
 #[derive(Parser)]
 #[command(name = "crmsync-sim", about = "Deterministic simulation of crmsync under faults")]
@@ -53,6 +53,19 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         from: u64,
     },
+    /// Runs one scenario file (see sim/SCENARIOS.md) and prints its canonical final state and
+    /// the invariant verdicts; exit code 1 when a check or an invariant fails, 2 on a bad file.
+    Scenario {
+        file: PathBuf,
+        /// Prints the final state as JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Also writes the scenario's timeline as one self-contained HTML page.
+        #[arg(long, value_name = "FILE")]
+        html: Option<PathBuf>,
+    },
+    /// Prints the JSON Schema of scenario files (committed as sim/scenario.schema.json).
+    ScenarioSchema,
 }
 
 fn main() -> ExitCode {
@@ -75,6 +88,11 @@ fn main() -> ExitCode {
     };
     let world_args = world_args(&cli, &config);
     match cli.command {
+        Command::Scenario { file, json, html } => run_scenario(&file, json, html.as_deref()),
+        Command::ScenarioSchema => {
+            print!("{}", scenario::schema_json());
+            ExitCode::SUCCESS
+        }
         Command::Run { seed, html } => match run_seed(seed, &config, true) {
             Ok(outcome) => {
                 let code = print_run(seed, &outcome, &world_args);
@@ -144,6 +162,45 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Runs a scenario file and prints its final state and verdicts.
+fn run_scenario(file: &std::path::Path, json: bool, html: Option<&std::path::Path>) -> ExitCode {
+    let ran = match scenario::load(file).and_then(|s| scenario::run(&s)) {
+        Ok(ran) => ran,
+        Err(e) => {
+            eprintln!("crmsync-sim: {}: {e}", file.display());
+            return ExitCode::from(2);
+        }
+    };
+    if json {
+        match serde_json::to_string_pretty(&ran.state) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("crmsync-sim: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        print!("{}", scenario::state::render_text(&ran.state));
+    }
+    if let Some(path) = html {
+        let failed: Vec<String> =
+            ran.state.verdicts.iter().filter(|v| !v.ok).flat_map(|v| v.detail.iter().cloned()).collect();
+        let verdict = if failed.is_empty() {
+            Verdict::Passed { summary: format!("scenario {}: every verdict holds", file.display()) }
+        } else {
+            Verdict::Failed { what: failed.join("; "), at_step: ran.failed_at_step }
+        };
+        let title = format!("crmsync-sim scenario {}", file.display());
+        let page = timeline::render_html(&title, &ran.events, &verdict);
+        if let Err(e) = timeline::write_page(path, &page) {
+            eprintln!("crmsync-sim: {e}");
+            return ExitCode::from(2);
+        }
+        eprintln!("timeline written to {}", path.display());
+    }
+    if ran.state.passed() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }
 
 /// Prints the trace of one seed and its verdict; the exit code of the verdict.

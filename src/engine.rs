@@ -427,28 +427,37 @@ fn links_kept_on_items<'i>(
     items: impl Iterator<Item = &'i MailboxItem>,
     arriving: &[Change],
 ) -> Vec<MappingEntry> {
-    // Built only if an unversioned base turns up (rare: a create interrupted mid-air).
-    let queued_crm = std::cell::OnceCell::new();
-    let in_crm = |crm_id: CrmId| {
-        let queued: &std::collections::HashSet<CrmId> = queued_crm.get_or_init(|| {
-            let keys =
-                state.queue.iter_unordered().map(|e| e.change.key()).chain(arriving.iter().map(Change::key));
-            keys.filter_map(|k| match k {
-                RecordKey::Crm(id) => Some(*id),
-                RecordKey::Outlook(_) => None,
-            })
-            .collect()
-        });
-        queued.contains(&crm_id)
+    // Built only if an unversioned base turns up (rare: a create interrupted mid-air): the
+    // queued CRM changes by record, as (version, fields).
+    type Seen<'s> =
+        std::collections::HashMap<CrmId, Vec<(crate::ids::VersionNumber, Option<&'s crate::fields::Fields>)>>;
+    let queued_crm: std::cell::OnceCell<Seen<'_>> = std::cell::OnceCell::new();
+    let queued = || {
+        queued_crm.get_or_init(|| {
+            let mut seen = Seen::new();
+            let changes = state.queue.iter_unordered().map(|e| &e.change).chain(arriving.iter());
+            for change in changes {
+                if let (RecordKey::Crm(id), crate::change::ChangeStamp::Crm(v)) =
+                    (change.key(), change.stamp())
+                {
+                    seen.entry(*id).or_default().push((v, change.record().map(|r| &r.fields)));
+                }
+            }
+            seen
+        })
     };
     let mut out: Vec<MappingEntry> = Vec::new();
     for item in items {
         let (Some(crm_id), Some(base)) = (item.stamp(), item.synced.as_ref()) else { continue };
-        if base.crm_version.is_none() && !in_crm(crm_id) {
-            continue;
+        let mut crm_version = base.crm_version;
+        if crm_version.is_none() {
+            let Some(changes) = queued().get(&crm_id) else { continue };
+            // The create's own echo, if queued, says which version holds the base.
+            crm_version =
+                changes.iter().filter(|(_, fields)| *fields == Some(&base.fields)).map(|(v, _)| *v).min();
         }
         let newer = match state.mapping.get(crm_id) {
-            Some(m) => m.entry_id == item.entry_id && base.crm_version > m.crm_version,
+            Some(m) => m.entry_id == item.entry_id && crm_version > m.crm_version,
             None => state.mapping.crm_id_of(&item.entry_id).is_none(),
         };
         let goid_free = item
@@ -466,7 +475,7 @@ fn links_kept_on_items<'i>(
                 goid: item.goid.clone(),
                 role: base.role,
                 status: item.status,
-                crm_version: base.crm_version,
+                crm_version,
             });
         }
     }

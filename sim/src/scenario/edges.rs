@@ -290,6 +290,16 @@ impl CrmService for ScriptServer<'_> {
         self.write(ServerCall::UpdateRecord, crm_id, |s| s.update_record(crm_id, patch))
     }
 
+    fn update_record_if(
+        &mut self,
+        crm_id: CrmId,
+        patch: &FieldPatch,
+        expected: VersionNumber,
+    ) -> Result<Updated, ServerError> {
+        // The same call as far as a script's faults go.
+        self.write(ServerCall::UpdateRecord, crm_id, |s| s.update_record_if(crm_id, patch, expected))
+    }
+
     fn delete_record(&mut self, crm_id: CrmId) -> Result<VersionNumber, ServerError> {
         self.write(ServerCall::DeleteRecord, crm_id, |s| s.delete_record(crm_id))
     }

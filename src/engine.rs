@@ -800,8 +800,17 @@ fn apply<S: CrmService, M: Mailbox>(
                 server_write(written).map(|u| if Some(u.previous) == known { Some(u.version) } else { None })
             };
             version.and_then(|v| {
+                let base = synced_base(action, v);
                 if !to_outlook.is_empty() {
-                    match mailbox.update(entry_id, to_outlook) {
+                    // The fields and the agreed base land on the item in one write (found by
+                    // crmsync-sim, seeds 123 and 866: an item locked between the two writes
+                    // kept new fields under an old base, and a later switch of primary merged
+                    // the user's next edit against that old base and lost it).
+                    let written = match &base {
+                        Some(base) => mailbox.update_and_link(entry_id, to_outlook, *crm_id, base.clone()),
+                        None => mailbox.update(entry_id, to_outlook),
+                    };
+                    match written {
                         // The item is gone while the pair stayed (its delete failed and was
                         // ignored): the record changed in CRM, so Outlook gets it back (found by
                         // crmsync-sim, seed 272: the update failed on every run).
@@ -814,17 +823,11 @@ fn apply<S: CrmService, M: Mailbox>(
                         }
                         other => mailbox_write(other)?,
                     }
+                    if base.is_some() {
+                        return Ok(Applied { entry_id: None, crm_version: v });
+                    }
                 }
-                match relink(mailbox, entry_id, *crm_id, synced_base(action, v)) {
-                    // Both writes landed and the item already carries its stamp: only the base
-                    // kept on the item lags (restored only when newer than the cache's), so the
-                    // action succeeded. Failing it would keep the change queued against a base
-                    // that lags the write, and the user's next edit of the item would lose a
-                    // conflict with the very value it replaced (found by crmsync-sim, seed 123
-                    // once seed 54 was fixed: an item locked between update and relink).
-                    Err(Failure::Item(_)) if stamped_with(mailbox, entry_id, *crm_id) => {}
-                    other => other?,
-                }
+                relink(mailbox, entry_id, *crm_id, base)?;
                 Ok(Applied { entry_id: None, crm_version: v })
             })
         }
@@ -950,11 +953,6 @@ fn synced_base(action: &Action, version: Option<crate::ids::VersionNumber>) -> O
         crm_version: p.crm_version.max(version),
         role: p.role,
     })
-}
-
-/// Whether the item `entry_id` exists and carries the stamp `crm_id`.
-fn stamped_with<M: Mailbox>(mailbox: &M, entry_id: &EntryId, crm_id: CrmId) -> bool {
-    matches!(mailbox.get(entry_id), Ok(Some(item)) if item.stamp() == Some(crm_id))
 }
 
 /// Makes sure the item carries `crm_id` (a link, a re-created record) and, when the action

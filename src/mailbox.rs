@@ -253,6 +253,16 @@ pub trait Mailbox {
     /// Links the item: stamps it with `stamp` (refused if another item carries it) and keeps
     /// `base` on it (see [`SyncBase`]).
     fn link(&mut self, entry_id: &EntryId, stamp: CrmId, base: SyncBase) -> Result<(), MailboxError>;
+    /// [`update`](Mailbox::update) and [`link`](Mailbox::link) as one write: either both land
+    /// or neither does, so an item never holds new fields under an old base (Outlook saves an
+    /// item's fields and its CRM properties in one `Save`). Checked before anything is written.
+    fn update_and_link(
+        &mut self,
+        entry_id: &EntryId,
+        patch: &FieldPatch,
+        stamp: CrmId,
+        base: SyncBase,
+    ) -> Result<(), MailboxError>;
     /// The item with this GOID (the lowest EntryId if a copy shares it): the only search DOMAIN
     /// allows a sync, for an appointment with no mapping.
     fn find_by_goid(&self, goid: &GlobalObjectId) -> Result<Option<EntryId>, MailboxError>;
@@ -588,6 +598,25 @@ impl Mailbox for MemoryMailbox {
         let slot = self.items.get_mut(&number).expect("number_of found it");
         slot.item.synced = Some(base);
         Ok(())
+    }
+
+    fn update_and_link(
+        &mut self,
+        entry_id: &EntryId,
+        patch: &FieldPatch,
+        stamp: CrmId,
+        base: SyncBase,
+    ) -> Result<(), MailboxError> {
+        // Everything that can refuse is checked first; then neither write can fail.
+        let number = self.number_of(entry_id)?;
+        patch.apply(&self.items[&number].item.fields)?;
+        if self.items[&number].item.stamp() != Some(stamp) {
+            if let Some(entry_id) = self.find_by_stamp(stamp)? {
+                return Err(MailboxError::StampTaken { stamp, entry_id });
+            }
+        }
+        self.update(entry_id, patch)?;
+        self.link(entry_id, stamp, base)
     }
 
     fn find_by_goid(&self, goid: &GlobalObjectId) -> Result<Option<EntryId>, MailboxError> {

@@ -751,6 +751,35 @@ impl Mailbox for SqliteMailbox {
         self.wrote()
     }
 
+    fn update_and_link(
+        &mut self,
+        entry_id: &EntryId,
+        patch: &FieldPatch,
+        stamp: CrmId,
+        base: SyncBase,
+    ) -> Result<(), MailboxError> {
+        let (number, item) = self.existing(entry_id)?;
+        let fields = patch.apply(&item.fields)?;
+        if item.stamp() != Some(stamp) {
+            if let Some(entry_id) = self.find_by_stamp(stamp)? {
+                return Err(MailboxError::StampTaken { stamp, entry_id });
+            }
+        }
+        let json = serde_json::to_string(&fields).map_err(|e| corrupt("Item", "Fields", e))?;
+        let synced = synced_text(&base)?;
+        let now = time_text(self.clock.now());
+        // One statement: the fields, the stamp and the base land together.
+        self.begin()?;
+        self.conn
+            .prepare_cached(
+                "UPDATE Item SET Fields = ?2, Tracked = 1, Stamp = ?3, Synced = ?4, \
+                 ModifiedAt = CASE WHEN Fields IS ?2 AND Stamp IS ?3 THEN ModifiedAt ELSE ?5 END \
+                 WHERE Number = ?1",
+            )?
+            .execute(params![sql_number(number), json, stamp_bytes(&stamp), synced, now])?;
+        self.wrote()
+    }
+
     fn find_by_goid(&self, goid: &GlobalObjectId) -> Result<Option<EntryId>, MailboxError> {
         self.first_number("SELECT Number FROM Item WHERE GlobalObjectId = ?1", goid.as_bytes())
     }

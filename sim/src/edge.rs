@@ -249,6 +249,17 @@ impl Mailbox for SimMailbox<'_> {
         self.lock(entry_id)?;
         self.inner.link(entry_id, stamp, base)
     }
+    fn update_and_link(
+        &mut self,
+        entry_id: &EntryId,
+        patch: &FieldPatch,
+        stamp: CrmId,
+        base: SyncBase,
+    ) -> Result<(), MailboxError> {
+        // One write, so one chance to find the item locked.
+        self.lock(entry_id)?;
+        self.inner.update_and_link(entry_id, patch, stamp, base)
+    }
     fn find_by_goid(&self, goid: &GlobalObjectId) -> Result<Option<EntryId>, MailboxError> {
         self.inner.find_by_goid(goid)
     }

@@ -67,7 +67,53 @@ on_both!(
     bad_input_is_a_typed_error_and_changes_nothing,
     entry_ids_are_deterministic_and_never_reused,
     times_come_from_the_mailbox_clock,
+    update_and_link_lands_whole_or_not_at_all,
 );
+
+fn update_and_link_lands_whole_or_not_at_all<M: Mailbox + UserEdits>(mut mb: M, _: &ManualClock) {
+    let seen = mb.head().unwrap();
+    let bob = mb.create(stamped(Contact, &[("fullname", "Bob")], 2)).unwrap();
+    let carol = mb.create(stamped(Contact, &[("fullname", "Carol")], 3)).unwrap();
+    let base = |name: &str, v: u64| SyncBase {
+        fields: f(&[("fullname", name)]),
+        crm_version: Some(VersionNumber(v)),
+        role: Role::Owner,
+    };
+    let to_bobby = FieldPatch::between(&f(&[("fullname", "Bob")]), &f(&[("fullname", "Bobby")]));
+    // Fields and base together.
+    mb.update_and_link(&bob, &to_bobby, id(2), base("Bobby", 7)).unwrap();
+    let item = mb.get(&bob).unwrap().unwrap();
+    assert_eq!(item.fields, f(&[("fullname", "Bobby")]));
+    assert_eq!(item.synced, Some(base("Bobby", 7)));
+    assert_eq!(item.stamp(), Some(id(2)));
+    // A stamp another item carries: refused, and the fields are not written either.
+    let before = mb.get(&bob).unwrap();
+    let to_rob = FieldPatch::between(&f(&[("fullname", "Bobby")]), &f(&[("fullname", "Rob")]));
+    assert!(matches!(
+        mb.update_and_link(&bob, &to_rob, id(3), base("Rob", 8)),
+        Err(MailboxError::StampTaken { stamp, entry_id }) if stamp == id(3) && entry_id == carol
+    ));
+    assert_eq!(mb.get(&bob).unwrap(), before);
+    // A patch the item cannot take (a second field at the value limit makes it too large):
+    // refused whole, its base not written either.
+    let big = "v".repeat(crmsync::fields::FIELD_VALUE_LEN_MAX);
+    let dave = mb.create(stamped(Task, &[("a", &big)], 4)).unwrap();
+    let dave_before = mb.get(&dave).unwrap();
+    let too_large = FieldPatch::between(&f(&[]), &f(&[("b", &big)]));
+    assert!(matches!(
+        mb.update_and_link(&dave, &too_large, id(4), base("Dave", 9)),
+        Err(MailboxError::Fields(FieldsError::TooLarge(_)))
+    ));
+    assert_eq!(mb.get(&dave).unwrap(), dave_before);
+    // An item that is not there.
+    assert!(matches!(
+        mb.update_and_link(&e("AA0000000000009999"), &to_rob, id(9), base("Rob", 8)),
+        Err(MailboxError::NotFound(_))
+    ));
+    // Like every sync write, nothing is reported.
+    mb.flush().unwrap();
+    assert_eq!(all(&mb, seen).changes, []);
+}
 
 fn stamped(otc: ObjectTypeCode, fields: &[(&str, &str)], crm: u128) -> NewItem {
     let goid = otc.is_calendar().then(|| goid(crm as u8));

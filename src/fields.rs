@@ -426,13 +426,15 @@ const _: () = assert!(FIELD_COUNT_MAX <= Mask::BITS as usize);
 /// `null`.
 ///
 /// Stored without copying: the values set are picked by position from one field set (`to`), the
-/// names cleared from another (`from`).
+/// names cleared from another (`from`). A plan holds two patches per update, so the rare part
+/// (clearing) is boxed and a patch that sets nothing holds no field set.
 #[derive(Clone, Default)]
 pub struct FieldPatch {
+    /// Where the values set come from; empty when nothing is set.
     to: Fields,
     set: Halves,
-    from: Fields,
-    clear: Halves,
+    /// The names cleared and the set they are named in (`from`), when any are.
+    clears: Option<Box<(Fields, Mask)>>,
 }
 
 /// A [`Mask`] stored as two words, so a patch (and an action holding two) needs no 16-byte
@@ -453,10 +455,14 @@ impl Halves {
 impl FieldPatch {
     /// Sets the fields of `to` at the positions in `set`; clears the names of `from` at the
     /// positions in `clear`. No name may be both set and cleared.
-    pub(crate) fn new(to: Fields, set: Mask, from: Fields, clear: Mask) -> Self {
+    pub(crate) fn new(to: &Fields, set: Mask, from: &Fields, clear: Mask) -> Self {
         let within = |mask: Mask, f: &Fields| f.len() >= 128 || mask >> f.len() == 0;
-        debug_assert!(within(set, &to) && within(clear, &from), "positions past the field set");
-        FieldPatch { to, set: Halves::new(set), from, clear: Halves::new(clear) }
+        debug_assert!(within(set, to) && within(clear, from), "positions past the field set");
+        FieldPatch {
+            to: if set == 0 { Fields::empty() } else { to.clone() },
+            set: Halves::new(set),
+            clears: (clear != 0).then(|| Box::new((from.clone(), clear))),
+        }
     }
 
     /// The patch that turns `from` into `to`.
@@ -468,7 +474,7 @@ impl FieldPatch {
         if a.schema() == b.schema() {
             // The same fields in the same positions: only values can differ.
             let set = a.values_differ(&b);
-            return FieldPatch::new(to.clone(), set, from.clone(), 0);
+            return FieldPatch::new(to, set, from, 0);
         }
         let (mut set, mut clear): (Mask, Mask) = (0, 0);
         let mut old = from.iter().enumerate().peekable();
@@ -501,15 +507,16 @@ impl FieldPatch {
                 (None, None) => break,
             }
         }
-        FieldPatch::new(to.clone(), set, from.clone(), clear)
+        FieldPatch::new(to, set, from, clear)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.set.0 == [0, 0] && self.clear.0 == [0, 0]
+        self.set.0 == [0, 0] && self.clears.is_none()
     }
 
     pub fn len(&self) -> usize {
-        (self.set.mask().count_ones() + self.clear.mask().count_ones()) as usize
+        let cleared = self.clears.as_ref().map_or(0, |c| c.1.count_ones());
+        (self.set.mask().count_ones() + cleared) as usize
     }
 
     /// The edits in name order.
@@ -517,8 +524,11 @@ impl FieldPatch {
         let picked =
             |mask: Mask| move |(i, field): (usize, (&'a str, &'a str))| (mask >> i & 1 == 1).then_some(field);
         let set = self.to.iter().enumerate().filter_map(picked(self.set.mask())).map(|(n, v)| (n, Some(v)));
-        let clear =
-            self.from.iter().enumerate().filter_map(picked(self.clear.mask())).map(|(n, _)| (n, None));
+        let clears = self.clears.as_deref().map(|(from, clear)| (from.iter(), *clear));
+        let clear = clears
+            .into_iter()
+            .flat_map(move |(from, clear)| from.enumerate().filter_map(picked(clear)))
+            .map(|(n, _)| (n, None));
         let mut edits: Vec<(&str, Option<&str>)> = set.chain(clear).collect();
         edits.sort_unstable_by(|a, b| a.0.cmp(b.0));
         edits.into_iter()
@@ -564,7 +574,7 @@ impl<'de> Deserialize<'de> for FieldPatch {
             .map_err(serde::de::Error::custom)?;
         let all = |f: &Fields| if f.len() == 128 { Mask::MAX } else { (1 << f.len()) - 1 };
         let (set_mask, clear_mask) = (all(&set), all(&cleared));
-        Ok(FieldPatch::new(set, set_mask, cleared, clear_mask))
+        Ok(FieldPatch::new(&set, set_mask, &cleared, clear_mask))
     }
 }
 

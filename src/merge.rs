@@ -113,8 +113,8 @@ fn merge_same_fields(
         }
     };
     Some(Ok(Merged {
-        to_crm: FieldPatch::new(fields.clone(), set_crm, crm.clone(), 0),
-        to_outlook: FieldPatch::new(fields.clone(), set_outlook, outlook.clone(), 0),
+        to_crm: FieldPatch::new(&fields, set_crm, crm, 0),
+        to_outlook: FieldPatch::new(&fields, set_outlook, outlook, 0),
         fields,
         conflicts,
     }))
@@ -197,8 +197,8 @@ fn merge_fields(
     let fields = result.build()?;
     debug_assert_eq!(fields.len(), result_len as usize);
     Ok(Merged {
-        to_crm: FieldPatch::new(fields.clone(), set_crm, crm.clone(), clear_crm),
-        to_outlook: FieldPatch::new(fields.clone(), set_outlook, outlook.clone(), clear_outlook),
+        to_crm: FieldPatch::new(&fields, set_crm, crm, clear_crm),
+        to_outlook: FieldPatch::new(&fields, set_outlook, outlook, clear_outlook),
         fields,
         conflicts,
     })

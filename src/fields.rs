@@ -471,6 +471,11 @@ impl FieldPatch {
             return FieldPatch::default();
         }
         let (a, b) = (from.view(), to.view());
+        // Every field set, or every field cleared (a create; a record emptied).
+        let all = |n: usize| if n >= 128 { Mask::MAX } else { (1 << n) - 1 };
+        if a.len() == 0 || b.len() == 0 {
+            return FieldPatch::new(to, all(b.len()), from, all(a.len()));
+        }
         if a.schema() == b.schema() {
             // The same fields in the same positions: only values can differ.
             let set = a.values_differ(&b);

@@ -893,7 +893,8 @@ fn mailbox_write<T>(result: Result<T, MailboxError>) -> Result<T, Failure> {
 
 fn pending(link: &LinkChange) -> Option<&PendingLink> {
     match link {
-        LinkChange::Link(p) | LinkChange::Replace { link: p, .. } => Some(p),
+        LinkChange::Link(p) => Some(p),
+        LinkChange::Replace { link, .. } => Some(&**link),
         LinkChange::Keep | LinkChange::Remove(_) => None,
     }
 }

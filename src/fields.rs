@@ -41,11 +41,18 @@ pub enum FieldsError {
 /// field sets is one string comparison, and reading a record touches one allocation:
 ///
 /// ```text
-/// count (2 digits) | per field: name_end, value_end (4 digits each) | names and values
+/// count (2 digits) | name_end per field (4 digits each) | names
+///                  | value_end per field (4 digits each) | values
 /// ```
 ///
-/// Digits are base 32 written as the ASCII bytes `'0'..='O'`; offsets count from the start of the
-/// names and values, which is why a field set holds at most [`FIELDS_DATA_LEN_MAX`] bytes.
+/// Digits are base 32 written as the ASCII bytes `'0'..='O'`, most significant first; a name's
+/// end counts from the start of the names, a value's from the start of the values, which is why
+/// a field set holds at most [`FIELDS_DATA_LEN_MAX`] bytes.
+///
+/// Invariant: the names are distinct and in increasing order, and the encoding of a set is
+/// unique. The part up to the end of the names (the *schema*: which fields, in which order) is
+/// therefore byte-equal for two sets exactly when they name the same fields, which lets a diff
+/// or merge of sets with the same fields compare values by position.
 #[derive(Clone, Default, PartialEq, Eq, Hash)]
 pub struct Fields(Option<Arc<str>>);
 
@@ -55,7 +62,6 @@ pub const FIELDS_DATA_LEN_MAX: usize = (1 << 20) - 1;
 
 const COUNT_DIGITS: usize = 2;
 const OFFSET_DIGITS: usize = 4;
-const SPAN_LEN: usize = 2 * OFFSET_DIGITS;
 
 fn write_digits(out: &mut String, mut n: usize, digits: usize) {
     let mut buf = [b'0'; OFFSET_DIGITS];
@@ -67,8 +73,100 @@ fn write_digits(out: &mut String, mut n: usize, digits: usize) {
     buf[..digits].iter().for_each(|&b| out.push(b as char));
 }
 
-fn read_digits(bytes: &[u8]) -> usize {
-    bytes.iter().fold(0, |n, &b| n * 32 + (b - b'0') as usize)
+/// Reads the four base-32 digits at `at`: each byte is `'0' + digit` with digit < 32, so one
+/// subtraction without borrows leaves the four digits, which shifts put together.
+#[inline(always)]
+fn read4(bytes: &[u8], at: usize) -> usize {
+    let Some(&digits) = bytes.get(at..at + OFFSET_DIGITS).and_then(|b| b.first_chunk::<OFFSET_DIGITS>())
+    else {
+        debug_assert!(false, "an offset past the block");
+        return 0;
+    };
+    let x = u32::from_be_bytes(digits).wrapping_sub(0x3030_3030);
+    ((x >> 24 & 31) << 15 | (x >> 16 & 31) << 10 | (x >> 8 & 31) << 5 | (x & 31)) as usize
+}
+
+/// A field set's block with its regions located: decoded once, then any field is read by
+/// position.
+#[derive(Clone, Copy)]
+pub(crate) struct View<'a> {
+    text: &'a str,
+    len: usize,
+    /// Where the names start.
+    names: usize,
+    /// Where the value ends start.
+    value_ends: usize,
+    /// Where the values start.
+    values: usize,
+}
+
+impl<'a> View<'a> {
+    fn new(fields: &'a Fields) -> Self {
+        let text = fields.0.as_deref().unwrap_or("");
+        if text.is_empty() {
+            return View { text, len: 0, names: 0, value_ends: 0, values: 0 };
+        }
+        let bytes = text.as_bytes();
+        let len = (bytes[0] - b'0') as usize * 32 + (bytes[1] - b'0') as usize;
+        let names = COUNT_DIGITS + OFFSET_DIGITS * len;
+        let value_ends = names + read4(bytes, names - OFFSET_DIGITS);
+        View { text, len, names, value_ends, values: value_ends + OFFSET_DIGITS * len }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The encoded count, name ends and names: equal for two sets exactly when they name the
+    /// same fields (see the invariant on [`Fields`]).
+    pub(crate) fn schema(&self) -> &'a [u8] {
+        &self.text.as_bytes()[..self.value_ends]
+    }
+
+    /// The end of the `i`th name (from the start of the names), or of the `i`th value.
+    #[inline(always)]
+    fn ends(&self, i: usize, region: usize) -> (usize, usize) {
+        let bytes = self.text.as_bytes();
+        let at = region + OFFSET_DIGITS * i;
+        let start = if i == 0 { 0 } else { read4(bytes, at - OFFSET_DIGITS) };
+        (start, read4(bytes, at))
+    }
+
+    #[inline]
+    pub(crate) fn name(&self, i: usize) -> &'a str {
+        let (start, end) = self.ends(i, COUNT_DIGITS);
+        &self.text[self.names + start..self.names + end]
+    }
+
+    #[inline]
+    pub(crate) fn value(&self, i: usize) -> &'a str {
+        let (start, end) = self.ends(i, self.value_ends);
+        &self.text[self.values + start..self.values + end]
+    }
+
+    /// The positions at which the values of two sets of the same schema differ.
+    pub(crate) fn values_differ(&self, other: &View<'_>) -> Mask {
+        let (a, b) = (self.text.as_bytes(), other.text.as_bytes());
+        let (mut start_a, mut start_b, mut differ): (usize, usize, Mask) = (0, 0, 0);
+        for i in 0..self.len.min(other.len) {
+            let end_a = read4(a, self.value_ends + OFFSET_DIGITS * i);
+            let end_b = read4(b, other.value_ends + OFFSET_DIGITS * i);
+            if a.get(self.values + start_a..self.values + end_a)
+                != b.get(other.values + start_b..other.values + end_b)
+            {
+                differ |= 1 << i;
+            }
+            (start_a, start_b) = (end_a, end_b);
+        }
+        differ
+    }
+
+    /// The `i`th value's bytes, for comparing (no character boundary to check).
+    #[inline]
+    pub(crate) fn value_bytes(&self, i: usize) -> &'a [u8] {
+        let (start, end) = self.ends(i, self.value_ends);
+        &self.text.as_bytes()[self.values + start..self.values + end]
+    }
 }
 
 impl Fields {
@@ -113,15 +211,20 @@ impl Fields {
         self.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
     }
 
-    /// The fields in name order, decoding each offset once.
+    /// The fields in name order.
     pub fn iter(&self) -> FieldsIter<'_> {
-        let text = self.0.as_deref().unwrap_or("");
-        let len = self.len();
-        FieldsIter { text, index: 0, len, data: COUNT_DIGITS + SPAN_LEN * len, prev_end: 0 }
+        FieldsIter { view: self.view(), index: 0 }
+    }
+
+    pub(crate) fn view(&self) -> View<'_> {
+        View::new(self)
     }
 
     pub fn len(&self) -> usize {
-        self.0.as_ref().map_or(0, |text| read_digits(&text.as_bytes()[..COUNT_DIGITS]))
+        self.0.as_ref().map_or(0, |text| {
+            let bytes = text.as_bytes();
+            (bytes[0] - b'0') as usize * 32 + (bytes[1] - b'0') as usize
+        })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -142,40 +245,31 @@ impl Fields {
 
     /// Byte size of names and values, as the server's `DataSize` counts it.
     pub fn data_size(&self) -> usize {
-        self.0.as_ref().map_or(0, |text| text.len() - COUNT_DIGITS - SPAN_LEN * self.len())
+        self.0.as_ref().map_or(0, |text| text.len() - COUNT_DIGITS - 2 * OFFSET_DIGITS * self.len())
     }
 }
 
 /// The fields of a `Fields` in name order.
 pub struct FieldsIter<'a> {
-    text: &'a str,
+    view: View<'a>,
     index: usize,
-    len: usize,
-    /// Where the names and values start.
-    data: usize,
-    /// Where the previous field's value ended, from `data`.
-    prev_end: usize,
 }
 
 impl<'a> Iterator for FieldsIter<'a> {
     type Item = (&'a str, &'a str);
 
+    #[inline]
     fn next(&mut self) -> Option<(&'a str, &'a str)> {
-        if self.index == self.len {
+        if self.index == self.view.len {
             return None;
         }
-        let span = COUNT_DIGITS + SPAN_LEN * self.index;
-        let bytes = &self.text.as_bytes()[span..span + SPAN_LEN];
-        let name_end = read_digits(&bytes[..OFFSET_DIGITS]);
-        let value_end = read_digits(&bytes[OFFSET_DIGITS..]);
-        let (start, data) = (self.prev_end, self.data);
+        let i = self.index;
         self.index += 1;
-        self.prev_end = value_end;
-        Some((&self.text[data + start..data + name_end], &self.text[data + name_end..data + value_end]))
+        Some((self.view.name(i), self.view.value(i)))
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        (self.len - self.index, Some(self.len - self.index))
+        (self.view.len - self.index, Some(self.view.len - self.index))
     }
 }
 
@@ -184,29 +278,33 @@ impl ExactSizeIterator for FieldsIter<'_> {}
 /// Builds a `Fields` from names pushed in strictly increasing order, taken from other field sets
 /// or already checked against the limits (checked again in debug builds).
 pub(crate) struct FieldsBuilder {
-    text: String,
+    names: String,
+    values: String,
     ends: Vec<(u32, u32)>,
 }
 
 impl FieldsBuilder {
     pub(crate) fn with_capacity(fields: usize) -> Self {
-        FieldsBuilder { text: String::with_capacity(fields * 16), ends: Vec::with_capacity(fields) }
+        FieldsBuilder {
+            names: String::with_capacity(fields * 12),
+            values: String::with_capacity(fields * 16),
+            ends: Vec::with_capacity(fields),
+        }
     }
 
     /// Appends a field; `build` refuses the set if it grew past a limit.
     pub(crate) fn push(&mut self, name: &str, value: &str) {
         debug_assert!(self.last_name().is_none_or(|last| last < name), "names not sorted/distinct");
         debug_assert!(!name.is_empty() && name.len() <= FIELD_NAME_LEN_MAX);
-        self.text.push_str(name);
-        let name_end = self.text.len() as u32;
-        self.text.push_str(value);
-        self.ends.push((name_end, self.text.len() as u32));
+        self.names.push_str(name);
+        self.values.push_str(value);
+        self.ends.push((self.names.len() as u32, self.values.len() as u32));
     }
 
     fn last_name(&self) -> Option<&str> {
         let (name_end, _) = *self.ends.last()?;
-        let start = if self.ends.len() < 2 { 0 } else { self.ends[self.ends.len() - 2].1 };
-        Some(&self.text[start as usize..name_end as usize])
+        let start = if self.ends.len() < 2 { 0 } else { self.ends[self.ends.len() - 2].0 };
+        Some(&self.names[start as usize..name_end as usize])
     }
 
     /// The field set; an error if it holds more fields or bytes than one record may (a merge of
@@ -218,16 +316,50 @@ impl FieldsBuilder {
         if self.ends.len() > FIELD_COUNT_MAX {
             return Err(FieldsError::TooMany(self.ends.len()));
         }
-        if self.text.len() > FIELDS_DATA_LEN_MAX {
-            return Err(FieldsError::TooLarge(self.text.len()));
+        let data_len = self.names.len() + self.values.len();
+        if data_len > FIELDS_DATA_LEN_MAX {
+            return Err(FieldsError::TooLarge(data_len));
         }
-        let mut block = String::with_capacity(COUNT_DIGITS + SPAN_LEN * self.ends.len() + self.text.len());
-        write_digits(&mut block, self.ends.len(), COUNT_DIGITS);
-        for (name_end, value_end) in &self.ends {
+        let n = self.ends.len();
+        let mut block = String::with_capacity(COUNT_DIGITS + 2 * OFFSET_DIGITS * n + data_len);
+        write_digits(&mut block, n, COUNT_DIGITS);
+        for (name_end, _) in &self.ends {
             write_digits(&mut block, *name_end as usize, OFFSET_DIGITS);
+        }
+        block.push_str(&self.names);
+        for (_, value_end) in &self.ends {
             write_digits(&mut block, *value_end as usize, OFFSET_DIGITS);
         }
-        block.push_str(&self.text);
+        block.push_str(&self.values);
+        Ok(Fields(Some(Arc::from(block))))
+    }
+
+    /// The set with the schema of `like` (its names, in its order) and the value of each field
+    /// picked by `value(i)` (called more than once per field, giving the same value each time):
+    /// only the value ends and values are written anew. An error if the values pass the size limit.
+    pub(crate) fn same_schema<'a>(
+        like: &View<'a>,
+        mut value: impl FnMut(usize) -> &'a str,
+    ) -> Result<Fields, FieldsError> {
+        if like.len == 0 {
+            return Ok(Fields(None));
+        }
+        let names_len = like.value_ends - like.names;
+        let values_len: usize = (0..like.len).map(&mut value).map(str::len).sum();
+        // Values from two sets within the limits can together pass them.
+        if names_len + values_len > FIELDS_DATA_LEN_MAX {
+            return Err(FieldsError::TooLarge(names_len + values_len));
+        }
+        let mut values_len = 0;
+        let mut block = String::with_capacity(like.text.len() + 64);
+        block.push_str(&like.text[..like.value_ends]);
+        for i in 0..like.len {
+            values_len += value(i).len();
+            write_digits(&mut block, values_len, OFFSET_DIGITS);
+        }
+        for i in 0..like.len {
+            block.push_str(value(i));
+        }
         Ok(Fields(Some(Arc::from(block))))
     }
 }
@@ -348,28 +480,60 @@ const _: () = assert!(FIELD_COUNT_MAX <= Mask::BITS as usize);
 /// `null`.
 ///
 /// Stored without copying: the values set are picked by position from one field set (`to`), the
-/// names cleared from another (`from`).
+/// names cleared from another (`from`). A plan holds two patches per update, so the rare part
+/// (clearing) is boxed and a patch that sets nothing holds no field set.
 #[derive(Clone, Default)]
 pub struct FieldPatch {
+    /// Where the values set come from; empty when nothing is set.
     to: Fields,
-    set: Mask,
-    from: Fields,
-    clear: Mask,
+    set: Halves,
+    /// The names cleared and the set they are named in (`from`), when any are.
+    clears: Option<Box<(Fields, Mask)>>,
+}
+
+/// A [`Mask`] stored as two words, so a patch (and an action holding two) needs no 16-byte
+/// alignment and carries no padding for it.
+#[derive(Clone, Copy, Default)]
+struct Halves([u64; 2]);
+
+impl Halves {
+    fn new(mask: Mask) -> Self {
+        Halves([mask as u64, (mask >> 64) as u64])
+    }
+
+    fn mask(self) -> Mask {
+        (self.0[1] as Mask) << 64 | self.0[0] as Mask
+    }
 }
 
 impl FieldPatch {
     /// Sets the fields of `to` at the positions in `set`; clears the names of `from` at the
     /// positions in `clear`. No name may be both set and cleared.
-    pub(crate) fn new(to: Fields, set: Mask, from: Fields, clear: Mask) -> Self {
+    pub(crate) fn new(to: &Fields, set: Mask, from: &Fields, clear: Mask) -> Self {
         let within = |mask: Mask, f: &Fields| f.len() >= 128 || mask >> f.len() == 0;
-        debug_assert!(within(set, &to) && within(clear, &from), "positions past the field set");
-        FieldPatch { to, set, from, clear }
+        debug_assert!(within(set, to) && within(clear, from), "positions past the field set");
+        FieldPatch {
+            to: if set == 0 { Fields::empty() } else { to.clone() },
+            set: Halves::new(set),
+            clears: (clear != 0).then(|| Box::new((from.clone(), clear))),
+        }
     }
 
     /// The patch that turns `from` into `to`.
     pub fn between(from: &Fields, to: &Fields) -> FieldPatch {
         if from == to {
             return FieldPatch::default();
+        }
+        let (a, b) = (from.view(), to.view());
+        // Every field set, or every field cleared (a create; a record emptied).
+        let all = |n: usize| if n >= 128 { Mask::MAX } else { (1 << n) - 1 };
+        if a.len() == 0 || b.len() == 0 {
+            return FieldPatch::new(to, all(b.len()), from, all(a.len()));
+        }
+        if a.schema() == b.schema() {
+            // The same fields in the same positions: only values can differ.
+            let set = a.values_differ(&b);
+            return FieldPatch::new(to, set, from, 0);
         }
         let (mut set, mut clear): (Mask, Mask) = (0, 0);
         let mut old = from.iter().enumerate().peekable();
@@ -402,23 +566,28 @@ impl FieldPatch {
                 (None, None) => break,
             }
         }
-        FieldPatch::new(to.clone(), set, from.clone(), clear)
+        FieldPatch::new(to, set, from, clear)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.set == 0 && self.clear == 0
+        self.set.0 == [0, 0] && self.clears.is_none()
     }
 
     pub fn len(&self) -> usize {
-        (self.set.count_ones() + self.clear.count_ones()) as usize
+        let cleared = self.clears.as_ref().map_or(0, |c| c.1.count_ones());
+        (self.set.mask().count_ones() + cleared) as usize
     }
 
     /// The edits in name order.
     pub fn iter<'a>(&'a self) -> impl Iterator<Item = (&'a str, Option<&'a str>)> {
         let picked =
             |mask: Mask| move |(i, field): (usize, (&'a str, &'a str))| (mask >> i & 1 == 1).then_some(field);
-        let set = self.to.iter().enumerate().filter_map(picked(self.set)).map(|(n, v)| (n, Some(v)));
-        let clear = self.from.iter().enumerate().filter_map(picked(self.clear)).map(|(n, _)| (n, None));
+        let set = self.to.iter().enumerate().filter_map(picked(self.set.mask())).map(|(n, v)| (n, Some(v)));
+        let clears = self.clears.as_deref().map(|(from, clear)| (from.iter(), *clear));
+        let clear = clears
+            .into_iter()
+            .flat_map(move |(from, clear)| from.enumerate().filter_map(picked(clear)))
+            .map(|(n, _)| (n, None));
         let mut edits: Vec<(&str, Option<&str>)> = set.chain(clear).collect();
         edits.sort_unstable_by(|a, b| a.0.cmp(b.0));
         edits.into_iter()
@@ -464,7 +633,7 @@ impl<'de> Deserialize<'de> for FieldPatch {
             .map_err(serde::de::Error::custom)?;
         let all = |f: &Fields| if f.len() == 128 { Mask::MAX } else { (1 << f.len()) - 1 };
         let (set_mask, clear_mask) = (all(&set), all(&cleared));
-        Ok(FieldPatch::new(set, set_mask, cleared, clear_mask))
+        Ok(FieldPatch::new(&set, set_mask, &cleared, clear_mask))
     }
 }
 

@@ -67,7 +67,7 @@ pub use policy::{
     CrmDeletePolicy, DeleteRule, FieldConflictPolicy, FieldDirections, FieldSyncDirection, MassDeleteGuard,
     OutlookDeletePolicy, Policies, UpdateVsDeletePolicy,
 };
-pub use queue::{CoalesceError, Coalesced, Net, Queue, QueueEntry, QueueError, QueueId, coalesce};
+pub use queue::{CoalesceError, Coalesced, Net, Queue, QueueEntry, QueueError, QueueId, QueueIds, coalesce};
 pub use settle::{Applied, IgnoredError, ItemError, ItemErrorKind, Outcome, SyncState, settle, settle_all};
 #[cfg(feature = "sqlite")]
 pub use summary::{Counts, SummaryError, SyncSummary};

@@ -155,8 +155,24 @@ impl Mapping {
     /// pair: re-pointing a `CrmId` to a re-created item drops its old pair by design; `plan`
     /// produces no other collision (property-tested).
     pub(crate) fn link(&mut self, entry: MappingEntry) -> Vec<MappingEntry> {
+        self.link_at(None, entry)
+    }
+
+    /// [`Mapping::link`], looking first in `hint`, the slot the pair sat in when it was planned
+    /// (used only if it still holds the pair: slots move when the mapping is compacted).
+    pub(crate) fn link_at(&mut self, hint: Option<u32>, entry: MappingEntry) -> Vec<MappingEntry> {
+        let hinted = hint.filter(|&slot| {
+            matches!(self.slots.get(slot as usize), Some(Slot::Used(held)) if held.crm_id == entry.crm_id)
+        });
+        let old = match hinted {
+            Some(slot) => match &mut self.slots[slot as usize] {
+                Slot::Used(held) => Some(held),
+                Slot::Free { .. } => None,
+            },
+            None => self.get_mut(entry.crm_id),
+        };
         // The common case, a held pair with a new base: update it in place.
-        if let Some(old) = self.get_mut(entry.crm_id) {
+        if let Some(old) = old {
             if old.entry_id == entry.entry_id && old.goid == entry.goid {
                 *old = entry;
                 return Vec::new();
@@ -243,6 +259,12 @@ impl Mapping {
             Slot::Used(entry) => Some(entry),
             Slot::Free { .. } => None,
         }
+    }
+
+    /// The pair of `crm_id` with its slot (a hint for [`Mapping::link_at`]).
+    pub(crate) fn get_slotted(&self, crm_id: CrmId) -> Option<(u32, &MappingEntry)> {
+        let slot = *self.by_crm.get(&crm_id)?;
+        Some((slot, self.slots[slot as usize].used()?))
     }
 
     pub fn get(&self, crm_id: CrmId) -> Option<&MappingEntry> {

@@ -51,7 +51,73 @@ pub fn merge(
         }
         _ => {}
     }
+    if two_way {
+        if let Some(merged) = merge_same_fields(base, crm, outlook, policies) {
+            return merged;
+        }
+    }
     merge_fields(base, crm, outlook, object_type, policies)
+}
+
+/// The merge when every field is two-way and the three sets name the same fields (the usual
+/// update of a held record): values are compared by position, and no field is added or cleared.
+/// `None` when the sets name different fields. Gives what `merge_fields` gives for them.
+fn merge_same_fields(
+    base: &Fields,
+    crm: Option<&Fields>,
+    outlook: Option<&Fields>,
+    policies: &Policies,
+) -> Option<Result<Merged, FieldsError>> {
+    let (crm, outlook) = (crm.unwrap_or(base), outlook.unwrap_or(base));
+    let (b, c, o) = (base.view(), crm.view(), outlook.view());
+    if b.schema() != c.schema() || b.schema() != o.schema() {
+        return None;
+    }
+    // The result takes, per field, the CRM value or the Outlook one (`pick_outlook`).
+    let mut pick_outlook: Mask = 0;
+    let (mut set_crm, mut set_outlook): (Mask, Mask) = (0, 0);
+    let mut conflicts = Vec::new();
+    for i in 0..b.len() {
+        let (bv, cv, ov) = (b.value_bytes(i), c.value_bytes(i), o.value_bytes(i));
+        let take_outlook = if cv == ov || ov == bv {
+            false
+        } else if cv == bv {
+            true
+        } else {
+            conflicts.push(b.name(i).to_owned());
+            policies.field_conflict == FieldConflictPolicy::OutlookWins
+        };
+        let bit: Mask = 1 << i;
+        let r = if take_outlook {
+            pick_outlook |= bit;
+            ov
+        } else {
+            cv
+        };
+        if r != cv {
+            set_crm |= bit;
+        }
+        if r != ov {
+            set_outlook |= bit;
+        }
+    }
+    let fields = if set_crm == 0 {
+        crm.clone()
+    } else if set_outlook == 0 {
+        outlook.clone()
+    } else {
+        let value = |i: usize| if pick_outlook >> i & 1 == 1 { o.value(i) } else { c.value(i) };
+        match FieldsBuilder::same_schema(&b, value) {
+            Ok(fields) => fields,
+            Err(error) => return Some(Err(error)),
+        }
+    };
+    Some(Ok(Merged {
+        to_crm: FieldPatch::new(&fields, set_crm, crm, 0),
+        to_outlook: FieldPatch::new(&fields, set_outlook, outlook, 0),
+        fields,
+        conflicts,
+    }))
 }
 
 /// A value met in the walk: its position in its field set, and the value.
@@ -131,8 +197,8 @@ fn merge_fields(
     let fields = result.build()?;
     debug_assert_eq!(fields.len(), result_len as usize);
     Ok(Merged {
-        to_crm: FieldPatch::new(fields.clone(), set_crm, crm.clone(), clear_crm),
-        to_outlook: FieldPatch::new(fields.clone(), set_outlook, outlook.clone(), clear_outlook),
+        to_crm: FieldPatch::new(&fields, set_crm, crm, clear_crm),
+        to_outlook: FieldPatch::new(&fields, set_outlook, outlook, clear_outlook),
         fields,
         conflicts,
     })

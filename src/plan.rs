@@ -20,9 +20,9 @@ use crate::fields::{FieldPatch, Fields, FieldsError};
 use crate::ids::{CrmId, EntryId, GlobalObjectId, VersionNumber};
 use crate::index::IdMap;
 use crate::mapping::{Mapping, MappingEntry};
-use crate::merge::{Merged, merge};
+use crate::merge::merge;
 use crate::policy::{Policies, UpdateVsDeletePolicy};
-use crate::queue::{CoalesceError, Coalesced, Net, Queue, QueueEntry, QueueId, coalesce};
+use crate::queue::{CoalesceError, Coalesced, Net, Queue, QueueEntry, QueueIds, coalesce};
 
 /// The row of the decision table (DOMAIN section 5) that chose an action, named
 /// `server change / Outlook change / mapping`. Rows past the table are the documented policies
@@ -161,7 +161,8 @@ pub enum LinkChange {
     /// Remove the old pair, link the new one (a CRM record re-created under a new id).
     Replace {
         remove: CrmId,
-        link: PendingLink,
+        /// Boxed: a re-create is rare, and every action would otherwise carry room for it.
+        link: Box<PendingLink>,
     },
 }
 
@@ -185,7 +186,31 @@ pub struct Action {
     /// Fields changed on both sides and settled by `FieldConflictPolicy`.
     pub conflicts: Vec<String>,
     /// The queue entries this action settles, in id order.
-    pub consumed: Vec<QueueId>,
+    pub consumed: QueueIds,
+    /// Where the record's pair sat in the mapping when planned, so settling finds it without a
+    /// lookup (checked before use; not part of the decision).
+    #[serde(skip)]
+    pub(crate) slot: SlotHint,
+}
+
+/// A mapping slot remembered by the plan for settling. Only a hint: settling checks that the slot
+/// still holds the pair before using it, so it never changes an outcome, and two actions that
+/// differ only in their hints are equal.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct SlotHint(pub(crate) Option<u32>);
+
+impl PartialEq for SlotHint {
+    fn eq(&self, _: &SlotHint) -> bool {
+        true
+    }
+}
+
+impl Eq for SlotHint {}
+
+impl fmt::Debug for SlotHint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SlotHint")
+    }
 }
 
 /// Why one record's changes were refused. The record stays queued with this error.
@@ -271,15 +296,23 @@ struct Group<'m> {
     crm: Option<Coalesced<'m>>,
     outlook: Option<Coalesced<'m>>,
     mapped: Option<&'m MappingEntry>,
+    /// The mapping slot of `mapped`.
+    slot: SlotHint,
     /// Set when a side's changes could not be coalesced: the whole record is rejected.
     error: Option<Box<(ActionOrder, ObjectTypeCode, CoalesceError)>>,
     /// Every queue entry of the record, in id order.
-    consumed: Vec<QueueId>,
+    consumed: QueueIds,
 }
 
 impl<'m> Group<'m> {
-    fn new(crm: &[&'m QueueEntry], outlook: &[&'m QueueEntry], mapped: Option<&'m MappingEntry>) -> Self {
-        let mut group = Group { crm: None, outlook: None, mapped, error: None, consumed: Vec::new() };
+    fn new(
+        crm: &[&'m QueueEntry],
+        outlook: &[&'m QueueEntry],
+        mapped: Option<(u32, &'m MappingEntry)>,
+    ) -> Self {
+        let (slot, mapped) = (SlotHint(mapped.map(|m| m.0)), mapped.map(|m| m.1));
+        let mut group =
+            Group { crm: None, outlook: None, mapped, slot, error: None, consumed: QueueIds::new() };
         for side in [crm, outlook] {
             if side.is_empty() {
                 continue;
@@ -330,11 +363,11 @@ struct Grouping<'m> {
     /// Each run's `CrmId`, in one vector of their own (bisected when joining).
     run_ids: Vec<CrmId>,
     /// Each run's mapping entry.
-    mapped: Vec<Option<&'m MappingEntry>>,
+    mapped: Vec<Option<(u32, &'m MappingEntry)>>,
     /// Unmapped items, coalesced, in `EntryId` order.
     items: Vec<Group<'m>>,
     /// Items joined to a record (by run), moved out of `items`.
-    joined: IdMap<usize, (Coalesced<'m>, Vec<QueueId>)>,
+    joined: IdMap<usize, (Coalesced<'m>, QueueIds)>,
 }
 
 impl<'m> Grouping<'m> {
@@ -413,10 +446,14 @@ impl<'m> Grouping<'m> {
     }
 }
 
-/// Sorts actions into run order (`ActionOrder`): sorts one packed number per action (kind, then
-/// stamp), breaks the rare ties by key, and moves each action once.
+/// Sorts actions into run order (`ActionOrder`): sorts one number per action (kind, then stamp,
+/// then the action's index), breaks the rare ties of kind and stamp by key, and moves each action
+/// once.
 fn in_run_order(actions: Vec<Action>) -> Vec<Action> {
-    // kind: 2 bits | side of the stamp: 1 bit | seconds or version: 64 bits | nanoseconds: 30 bits.
+    // kind: 2 bits | side of the stamp: 1 bit | seconds or version: 64 bits | nanoseconds: 30 bits
+    // | index: 31 bits (a queue holds at most 16M entries, so at most as many actions).
+    const INDEX_BITS: u32 = 31;
+    debug_assert!(actions.len() < 1 << INDEX_BITS);
     let packed = |order: &ActionOrder| -> u128 {
         let (side, high, nanos) = match order.stamp {
             ChangeStamp::Crm(v) => (0u128, v.0, 0u32),
@@ -426,16 +463,17 @@ fn in_run_order(actions: Vec<Action>) -> Vec<Action> {
         };
         (order.kind as u128) << 95 | side << 94 | (high as u128) << 30 | nanos as u128
     };
-    let mut keys: Vec<(u128, u32)> =
-        actions.iter().enumerate().map(|(i, a)| (packed(&a.order), i as u32)).collect();
+    let index = |key: u128| (key & ((1 << INDEX_BITS) - 1)) as usize;
+    let mut keys: Vec<u128> =
+        actions.iter().enumerate().map(|(i, a)| packed(&a.order) << INDEX_BITS | i as u128).collect();
     keys.sort_unstable();
-    for run in keys.chunk_by_mut(|a, b| a.0 == b.0).filter(|run| run.len() > 1) {
-        run.sort_unstable_by(|a, b| actions[a.1 as usize].order.key.cmp(&actions[b.1 as usize].order.key));
+    for run in keys.chunk_by_mut(|a, b| a >> INDEX_BITS == b >> INDEX_BITS).filter(|run| run.len() > 1) {
+        run.sort_unstable_by(|a, b| actions[index(*a)].order.key.cmp(&actions[index(*b)].order.key));
     }
     // Apply the permutation in place, one cycle at a time: position j takes the action at
-    // keys[j].1. No second vector of actions is allocated.
+    // index(keys[j]). No second vector of actions is allocated.
     let mut actions = actions;
-    let mut from: Vec<u32> = keys.into_iter().map(|(_, i)| i).collect();
+    let mut from: Vec<u32> = keys.into_iter().map(|key| index(key) as u32).collect();
     for start in 0..from.len() {
         let mut j = start;
         while from[j] as usize != start {
@@ -499,7 +537,8 @@ impl<'m> Planner<'m> {
             runs.iter().map(|run| CrmId::from_u128(by_record[run.start as usize].0)).collect();
         // The mapping lookups in a loop of their own: each is a likely cache miss, and the
         // processor overlaps independent misses only when little other work sits between them.
-        let mapped: Vec<Option<&'m MappingEntry>> = run_ids.iter().map(|id| self.mapping.get(*id)).collect();
+        let mapped: Vec<Option<(u32, &'m MappingEntry)>> =
+            run_ids.iter().map(|id| self.mapping.get_slotted(*id)).collect();
         let items = unmapped
             .chunk_by(|a, b| a.change.key() == b.change.key())
             .map(|run| Group::new(&[], run, None))
@@ -539,14 +578,14 @@ impl<'m> Planner<'m> {
     }
 
     fn decide(&mut self, group: Group<'m>) -> Action {
-        let Group { crm, outlook, mapped, error, consumed } = group;
+        let Group { crm, outlook, mapped, slot, error, consumed } = group;
         if let Some((order, object_type, error)) = error.map(|e| *e) {
             return reject(order, object_type, consumed, error.into());
         }
         let primary = crm.as_ref().or(outlook.as_ref()).expect("a group has at least one side");
         let order = ActionOrder { kind: primary.net.kind(), stamp: primary.stamp, key: primary.key.clone() };
         let object_type = primary.object_type;
-        let ctx = Ctx { order, object_type, consumed };
+        let ctx = Ctx { order, object_type, consumed, slot };
 
         if let (Some(c), Some(o)) = (&crm, &outlook) {
             if c.object_type != o.object_type {
@@ -695,7 +734,7 @@ impl<'m> Planner<'m> {
                     ctx.act(
                         DecisionRow::UpdateVsDelete,
                         op,
-                        LinkChange::Replace { remove: m.crm_id, link },
+                        LinkChange::Replace { remove: m.crm_id, link: Box::new(link) },
                         vec![],
                     )
                 }
@@ -870,7 +909,7 @@ impl<'m> Planner<'m> {
             ctx,
             merge(&Fields::empty(), Some(&crm.fields), Some(&outlook.fields), ctx.object_type, self.policies)
         );
-        let conflicts = conflict_names(&merged);
+        let conflicts = merged.conflicts;
         let op = ActionOp::Update {
             crm_id,
             entry_id: entry_id.clone(),
@@ -909,7 +948,7 @@ impl<'m> Planner<'m> {
                 self.policies,
             )
         );
-        let conflicts = conflict_names(&merged);
+        let conflicts = merged.conflicts;
         let op = ActionOp::Update {
             crm_id: m.crm_id,
             entry_id: m.entry_id.clone(),
@@ -1008,7 +1047,8 @@ enum Upsert<'c> {
 struct Ctx {
     order: ActionOrder,
     object_type: ObjectTypeCode,
-    consumed: Vec<QueueId>,
+    consumed: QueueIds,
+    slot: SlotHint,
 }
 
 impl Ctx {
@@ -1021,6 +1061,7 @@ impl Ctx {
             link,
             conflicts,
             consumed: self.consumed,
+            slot: self.slot,
         }
     }
 
@@ -1029,12 +1070,7 @@ impl Ctx {
     }
 }
 
-fn reject(
-    order: ActionOrder,
-    object_type: ObjectTypeCode,
-    consumed: Vec<QueueId>,
-    error: RecordError,
-) -> Action {
+fn reject(order: ActionOrder, object_type: ObjectTypeCode, consumed: QueueIds, error: RecordError) -> Action {
     Action {
         order,
         object_type,
@@ -1043,6 +1079,7 @@ fn reject(
         link: LinkChange::Keep,
         conflicts: vec![],
         consumed,
+        slot: SlotHint::default(),
     }
 }
 
@@ -1058,10 +1095,6 @@ fn crm_version(crm: &Option<Coalesced>) -> Option<VersionNumber> {
         ChangeStamp::Crm(v) => Some(v),
         ChangeStamp::Outlook(_) => None,
     }
-}
-
-fn conflict_names(merged: &Merged) -> Vec<String> {
-    merged.conflicts.clone()
 }
 
 /// The mapping entry after a change of a held pair: the new base; the role from CRM (which

@@ -30,6 +30,134 @@ impl fmt::Display for QueueId {
     }
 }
 
+/// A list of queue ids (the entries one action or net change consumes). Most records have one
+/// or two changes in a run, so up to two ids are held inline and a plan of a million actions
+/// allocates nothing for them; longer lists live in a vector. It reads as a slice.
+#[derive(Clone, Default)]
+pub struct QueueIds(IdsRepr);
+
+#[derive(Clone)]
+enum IdsRepr {
+    One(QueueId),
+    Two([QueueId; 2]),
+    /// Any other length (the empty list too).
+    Many(Vec<QueueId>),
+}
+
+impl Default for IdsRepr {
+    fn default() -> Self {
+        IdsRepr::Many(Vec::new())
+    }
+}
+
+impl QueueIds {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn push(&mut self, id: QueueId) {
+        self.0 = match std::mem::take(&mut self.0) {
+            IdsRepr::Many(ids) if ids.is_empty() => IdsRepr::One(id),
+            IdsRepr::One(a) => IdsRepr::Two([a, id]),
+            IdsRepr::Two([a, b]) => IdsRepr::Many(vec![a, b, id]),
+            IdsRepr::Many(mut ids) => {
+                ids.push(id);
+                IdsRepr::Many(ids)
+            }
+        };
+    }
+
+    /// Moves every id of `other` to the end of this list.
+    pub fn append(&mut self, other: &mut QueueIds) {
+        for id in std::mem::take(other).iter() {
+            self.push(*id);
+        }
+    }
+
+    pub fn sort_unstable(&mut self) {
+        match &mut self.0 {
+            IdsRepr::One(_) => {}
+            IdsRepr::Two(pair) => {
+                if pair[1] < pair[0] {
+                    pair.swap(0, 1);
+                }
+            }
+            IdsRepr::Many(ids) => ids.sort_unstable(),
+        }
+    }
+}
+
+impl std::ops::Deref for QueueIds {
+    type Target = [QueueId];
+
+    fn deref(&self) -> &[QueueId] {
+        match &self.0 {
+            IdsRepr::One(a) => std::slice::from_ref(a),
+            IdsRepr::Two(pair) => pair,
+            IdsRepr::Many(ids) => ids,
+        }
+    }
+}
+
+impl From<Vec<QueueId>> for QueueIds {
+    fn from(ids: Vec<QueueId>) -> Self {
+        match ids[..] {
+            [a] => QueueIds(IdsRepr::One(a)),
+            [a, b] => QueueIds(IdsRepr::Two([a, b])),
+            _ => QueueIds(IdsRepr::Many(ids)),
+        }
+    }
+}
+
+impl FromIterator<QueueId> for QueueIds {
+    fn from_iter<I: IntoIterator<Item = QueueId>>(iter: I) -> Self {
+        let mut ids = QueueIds::new();
+        iter.into_iter().for_each(|id| ids.push(id));
+        ids
+    }
+}
+
+impl<'a> IntoIterator for &'a QueueIds {
+    type Item = &'a QueueId;
+    type IntoIter = std::slice::Iter<'a, QueueId>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+impl PartialEq for QueueIds {
+    fn eq(&self, other: &QueueIds) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for QueueIds {}
+
+impl PartialEq<Vec<QueueId>> for QueueIds {
+    fn eq(&self, other: &Vec<QueueId>) -> bool {
+        **self == other[..]
+    }
+}
+
+impl fmt::Debug for QueueIds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+impl Serialize for QueueIds {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for QueueIds {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Vec::<QueueId>::deserialize(d).map(QueueIds::from)
+    }
+}
+
 /// One pending change with its retry history.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueEntry {
@@ -295,7 +423,7 @@ pub struct Coalesced<'q> {
     /// creation under a chosen id and edited before it synced keeps that id.
     pub crm_id: Option<CrmId>,
     /// The queue entries folded in, in id order. Settling the decision removes exactly these.
-    pub consumed: Vec<QueueId>,
+    pub consumed: QueueIds,
 }
 
 /// Why the changes of one record could not be folded. Every variant names the record and the
@@ -356,7 +484,7 @@ pub fn coalesce<'q>(entries: &[&'q QueueEntry]) -> Result<Coalesced<'q>, Coalesc
             ChangeOp::Delete(why) => Net::Delete(*why),
         },
         crm_id: head.change.record().and_then(|r| r.crm_id),
-        consumed: Vec::with_capacity(ordered.len()),
+        consumed: QueueIds::new(),
     };
     acc.consumed.push(head.id);
     let mut prev = head;

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{CrmId, EntryId, VersionNumber};
 use crate::mapping::{Mapping, MappingEntry};
-use crate::plan::{Action, ActionOp, LinkChange, PendingLink, Plan};
+use crate::plan::{Action, ActionOp, LinkChange, PendingLink, Plan, SlotHint};
 use crate::queue::{Queue, QueueEntry, QueueId, clip_error};
 
 /// The client's sync state as a value: the queue, the mapping and the ignored errors.
@@ -89,7 +89,8 @@ pub enum Outcome {
 
 /// Settles one action's outcome. See the module doc.
 pub fn settle(mut state: SyncState, action: &Action, outcome: Outcome) -> SyncState {
-    settle_in_place(&mut state, &action.op, Link::Borrowed(&action.link), &action.consumed, outcome);
+    let link = Link::Borrowed(&action.link);
+    settle_in_place(&mut state, &action.op, link, &action.consumed, action.slot, outcome);
     state.queue.sweep_if_sparse();
     state
 }
@@ -105,8 +106,8 @@ pub fn settle_all(
 ) -> SyncState {
     for action in plan.actions {
         let outcome = outcome_of(&action);
-        let Action { op, link, consumed, .. } = action;
-        settle_in_place(&mut state, &op, Link::Owned(link), &consumed, outcome);
+        let Action { op, link, consumed, slot, .. } = action;
+        settle_in_place(&mut state, &op, Link::Owned(link), &consumed, slot, outcome);
     }
     // Once, after the whole plan: sweeping along the way would leave gaps in the ids, and every
     // later id would then be found by bisection instead of at its offset.
@@ -126,6 +127,7 @@ fn settle_in_place(
     op: &ActionOp,
     link: Link<'_>,
     consumed: &[QueueId],
+    slot: SlotHint,
     outcome: Outcome,
 ) {
     let outcome = match (outcome, op) {
@@ -141,7 +143,7 @@ fn settle_in_place(
                 for id in consumed {
                     state.queue.discard(*id);
                 }
-                apply_link(&mut state.mapping, link);
+                apply_link(&mut state.mapping, link, slot);
             }
             Err(error) => fail(state, consumed, &error, false),
         },
@@ -180,15 +182,15 @@ fn resolve(link: Link<'_>, applied: &Applied) -> Result<Resolved, ItemError> {
         Link::Borrowed(LinkChange::Link(p)) => Resolved::Link(borrowed(p)?),
         Link::Owned(LinkChange::Link(p)) => Resolved::Link(owned(p)?),
         Link::Borrowed(LinkChange::Replace { remove, link }) => Resolved::Replace(*remove, borrowed(link)?),
-        Link::Owned(LinkChange::Replace { remove, link }) => Resolved::Replace(remove, owned(link)?),
+        Link::Owned(LinkChange::Replace { remove, link }) => Resolved::Replace(remove, owned(*link)?),
     })
 }
 
-fn apply_link(mapping: &mut Mapping, link: Resolved) {
+fn apply_link(mapping: &mut Mapping, link: Resolved, slot: SlotHint) {
     match link {
         Resolved::Keep => {}
         Resolved::Link(entry) => {
-            mapping.link(entry);
+            mapping.link_at(slot.0, entry);
         }
         Resolved::Remove(crm_id) => {
             mapping.remove(crm_id);

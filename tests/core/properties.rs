@@ -512,7 +512,8 @@ fn is_reject(a: &Action) -> bool {
 
 fn pending_link(link: &LinkChange) -> Option<&PendingLink> {
     match link {
-        LinkChange::Link(p) | LinkChange::Replace { link: p, .. } => Some(p),
+        LinkChange::Link(p) => Some(p),
+        LinkChange::Replace { link, .. } => Some(link),
         LinkChange::Keep | LinkChange::Remove(_) => None,
     }
 }
@@ -558,7 +559,7 @@ fn model_apply(model: &mut Model, action: &Action, outcome: &Outcome) -> Result<
         LinkChange::Link(p) => p,
         LinkChange::Replace { remove, link } => {
             model.remove(remove);
-            link
+            &**link
         }
     };
     let entry = linked_entry(link, outcome);

@@ -205,22 +205,39 @@ impl CrmService for SimServer<'_> {
     }
 }
 
-/// A user's mailbox as the sync on one machine writes it: an item may be locked.
-pub struct SimMailbox<'a> {
-    pub inner: &'a mut MemoryMailbox,
-    pub desk: Desk,
+/// Decides, at each sync write to an item, whether the item is locked (open in an editor).
+pub trait ItemLocks {
+    fn locked(&mut self, entry_id: &EntryId) -> bool;
 }
 
-impl SimMailbox<'_> {
+/// The seed's faults: `ItemLocked` fires at its rate.
+impl ItemLocks for Desk {
+    fn locked(&mut self, entry_id: &EntryId) -> bool {
+        self.borrow_mut().fire(FaultKind::ItemLocked, || format!("item {entry_id} locked"))
+    }
+}
+
+/// A user's mailbox as the sync on one machine writes it: an item may be locked, as `locks`
+/// decides (the seed's faults here, a script's in `scenario`). Reads and user edits pass
+/// through.
+pub struct LockingMailbox<'a, L: ItemLocks> {
+    pub inner: &'a mut MemoryMailbox,
+    pub locks: L,
+}
+
+/// The simulator's mailbox edge.
+pub type SimMailbox<'a> = LockingMailbox<'a, Desk>;
+
+impl<L: ItemLocks> LockingMailbox<'_, L> {
     fn lock(&mut self, entry_id: &EntryId) -> Result<(), MailboxError> {
-        if self.desk.borrow_mut().fire(FaultKind::ItemLocked, || format!("item {entry_id} locked")) {
+        if self.locks.locked(entry_id) {
             return Err(MailboxError::Locked(entry_id.clone()));
         }
         Ok(())
     }
 }
 
-impl Mailbox for SimMailbox<'_> {
+impl<L: ItemLocks> Mailbox for LockingMailbox<'_, L> {
     fn changes_since(&self, cursor: MailboxCursor, limit: usize) -> Result<ChangePage, MailboxError> {
         self.inner.changes_since(cursor, limit)
     }

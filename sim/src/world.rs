@@ -547,7 +547,7 @@ impl World {
         let machine = &mut self.machines[m];
         let user = &mut self.users[u];
         let mut server = SimServer::new(&mut self.server, self.desk.clone());
-        let mut mailbox = SimMailbox { inner: &mut user.mailbox, desk: self.desk.clone() };
+        let mut mailbox = SimMailbox { inner: &mut user.mailbox, locks: self.desk.clone() };
         let mut observer = CrashPoint { desk: self.desk.clone(), steps: 0, crashed_at: None };
         let result = run_sync(
             Edges {

@@ -10,10 +10,7 @@ use std::rc::Rc;
 
 use crmsync::engine::{DurableStep, Interrupt, StepObserver};
 use crmsync::fields::FieldPatch;
-use crmsync::ids::{CrmId, EntryId, GlobalObjectId, VersionNumber};
-use crmsync::mailbox::{
-    ChangePage, Mailbox, MailboxCursor, MailboxError, MailboxItem, MemoryMailbox, NewItem, SyncBase,
-};
+use crmsync::ids::{CrmId, EntryId, VersionNumber};
 use crmsync::server::{
     CrmService, ServerError, ServerStore, SubscriptionId, SubscriptionType, SyncPage, SystemUserId, Updated,
 };
@@ -305,74 +302,15 @@ impl CrmService for ScriptServer<'_> {
     }
 }
 
+/// A script's locked items: the sync finds an item locked where the script says.
+impl crate::edge::ItemLocks for SharedDesk {
+    fn locked(&mut self, entry_id: &EntryId) -> bool {
+        self.borrow_mut().locked(entry_id)
+    }
+}
+
 /// A user's mailbox as the sync writes it: a scripted item may be locked.
-pub(crate) struct ScriptMailbox<'a> {
-    pub inner: &'a mut MemoryMailbox,
-    pub desk: SharedDesk,
-}
-
-impl ScriptMailbox<'_> {
-    fn lock(&mut self, entry_id: &EntryId) -> Result<(), MailboxError> {
-        if self.desk.borrow_mut().locked(entry_id) {
-            return Err(MailboxError::Locked(entry_id.clone()));
-        }
-        Ok(())
-    }
-}
-
-impl Mailbox for ScriptMailbox<'_> {
-    fn changes_since(&self, cursor: MailboxCursor, limit: usize) -> Result<ChangePage, MailboxError> {
-        self.inner.changes_since(cursor, limit)
-    }
-    fn head(&self) -> Result<MailboxCursor, MailboxError> {
-        self.inner.head()
-    }
-    fn get(&self, entry_id: &EntryId) -> Result<Option<MailboxItem>, MailboxError> {
-        self.inner.get(entry_id)
-    }
-    fn create(&mut self, item: NewItem) -> Result<EntryId, MailboxError> {
-        self.inner.create(item)
-    }
-    fn update(&mut self, entry_id: &EntryId, patch: &FieldPatch) -> Result<(), MailboxError> {
-        self.lock(entry_id)?;
-        self.inner.update(entry_id, patch)
-    }
-    fn delete(&mut self, entry_id: &EntryId) -> Result<(), MailboxError> {
-        self.lock(entry_id)?;
-        self.inner.delete(entry_id)
-    }
-    fn set_stamp(&mut self, entry_id: &EntryId, stamp: Option<CrmId>) -> Result<(), MailboxError> {
-        self.lock(entry_id)?;
-        self.inner.set_stamp(entry_id, stamp)
-    }
-    fn link(&mut self, entry_id: &EntryId, stamp: CrmId, base: SyncBase) -> Result<(), MailboxError> {
-        self.lock(entry_id)?;
-        self.inner.link(entry_id, stamp, base)
-    }
-    fn update_and_link(
-        &mut self,
-        entry_id: &EntryId,
-        patch: &FieldPatch,
-        stamp: CrmId,
-        base: SyncBase,
-    ) -> Result<(), MailboxError> {
-        // One write, so one chance to find the item locked.
-        self.lock(entry_id)?;
-        self.inner.update_and_link(entry_id, patch, stamp, base)
-    }
-    fn find_by_goid(&self, goid: &GlobalObjectId) -> Result<Option<EntryId>, MailboxError> {
-        self.inner.find_by_goid(goid)
-    }
-    fn find_by_stamp(&self, stamp: CrmId) -> Result<Option<EntryId>, MailboxError> {
-        self.inner.find_by_stamp(stamp)
-    }
-    fn all_items(&self) -> Result<Vec<MailboxItem>, MailboxError> {
-        self.inner.all_items()
-    }
-    fn flush(&mut self) -> Result<(), MailboxError> {
-        self.inner.flush()
-    }
-}
+pub(crate) type ScriptMailbox<'a> = crate::edge::LockingMailbox<'a, SharedDesk>;
 
 /// Kills the "process" after the `nth` durable step of a scripted kind.
 pub(crate) struct ScriptCrash {

@@ -919,7 +919,7 @@ impl<'s> Runner<'s> {
         let machine = &mut self.machines[m];
         let result = {
             let mut server = ScriptServer::new(&mut self.server, desk.clone());
-            let mut mailbox = ScriptMailbox { inner: &mut self.users[u].mailbox, desk: desk.clone() };
+            let mut mailbox = ScriptMailbox { inner: &mut self.users[u].mailbox, locks: desk.clone() };
             let mut observer = ScriptCrash { desk: desk.clone() };
             run_sync(
                 Edges {

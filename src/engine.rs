@@ -39,6 +39,7 @@ use crate::mailbox::{
     Mailbox, MailboxChange, MailboxCursor, MailboxError, MailboxItem, NewItem, SyncBase, Tracking,
 };
 use crate::mapping::MappingEntry;
+use crate::mutant::{self, Mutant};
 use crate::plan::{Action, ActionOp, LinkChange, PendingLink, PlanError, plan};
 use crate::policy::Policies;
 use crate::server::{CrmService, ServerError, SubscriptionId};
@@ -282,9 +283,15 @@ fn run<S: CrmService, M: Mailbox>(
     loop {
         let page = server.get_sync_data(subscription, after, config.page_size)?;
         report.server_changes += page.changes.len();
-        cache.enqueue(&mut state, &page.changes)?;
+        let early_ack = mutant::active(Mutant::AcknowledgeBeforeQueue);
+        if let (true, Some(last)) = (early_ack, page.last_seq) {
+            server.acknowledge(subscription, last)?;
+            durable(observer, DurableStep::AcknowledgeServerPage)?;
+        }
+        let seen = mutant::active(Mutant::DropRedeliveredPage) && mutant::page_seen(cache, page.last_seq)?;
+        cache.enqueue(&mut state, if seen { &[] } else { &page.changes })?;
         durable(observer, DurableStep::QueueServerPage)?;
-        if let Some(last) = page.last_seq {
+        if let (false, Some(last)) = (early_ack, page.last_seq) {
             server.acknowledge(subscription, last)?;
             durable(observer, DurableStep::AcknowledgeServerPage)?;
         }
@@ -355,6 +362,22 @@ fn run<S: CrmService, M: Mailbox>(
     let plan = plan(&state.queue, &state.mapping, &config.policies)?;
     let mut in_group = 0;
     for action in &plan.actions {
+        let renamed = if mutant::active(Mutant::RetryWithoutIdempotencyKey) {
+            mutant::retry_under_new_id(action, mailbox)?
+        } else {
+            None
+        };
+        let action = renamed.as_ref().unwrap_or(action);
+        if mutant::active(Mutant::DequeueBeforeApply) {
+            cache.drop_entries(&mut state, &action.consumed)?;
+        }
+        if mutant::active(Mutant::MapBeforeItemExists) {
+            let link = match (&action.op, pending(&action.link)) {
+                (ActionOp::CreateInCrm { .. }, Some(p)) => p.resolve(None),
+                _ => None,
+            };
+            cache.restore_links(&mut state, link.into_iter().collect())?;
+        }
         let outcome = match apply(action, server, mailbox, subscription, config) {
             Err(EngineError::Server(ServerError::Unreachable(why))) => {
                 cache.abandon_group()?;
@@ -764,6 +787,9 @@ fn apply<S: CrmService, M: Mailbox>(
             // edits were merged against an empty base).
             // Once the record exists, the base on the item gets its version: only a versioned
             // base is restored as a link (an unversioned one may name a record never created).
+            let relink = |mailbox: &mut M, entry_id: &EntryId, crm_id: CrmId, base: Option<SyncBase>| {
+                if mutant::active(Mutant::NoStamp) { Ok(()) } else { relink(mailbox, entry_id, crm_id, base) }
+            };
             relink(mailbox, entry_id, *crm_id, synced_base(action, None))
                 .and_then(|()| {
                     server_write(server.create_record(subscription, *crm_id, action.object_type, &record))
@@ -794,8 +820,10 @@ fn apply<S: CrmService, M: Mailbox>(
                 // then queues the record as it is, and the next run merges it.
                 let known = pending(&action.link).and_then(|p| p.crm_version);
                 let written = match known {
-                    Some(v) => server.update_record_if(*crm_id, to_crm, v),
-                    None => server.update_record(*crm_id, to_crm),
+                    Some(v) if !mutant::active(Mutant::UnconditionalCrmUpdate) => {
+                        server.update_record_if(*crm_id, to_crm, v)
+                    }
+                    _ => server.update_record(*crm_id, to_crm),
                 };
                 server_write(written).map(|u| if Some(u.previous) == known { Some(u.version) } else { None })
             };
@@ -911,6 +939,7 @@ fn create_in_outlook<M: Mailbox>(
     let found = match mailbox.find_by_stamp(crm_id)? {
         Some(entry) => Some(entry),
         None => match goid_search {
+            Some(_) if mutant::active(Mutant::SkipGoidSearch) => None,
             Some(goid) => mailbox.find_by_goid(goid)?,
             None => None,
         },

@@ -33,6 +33,7 @@ pub mod mailbox;
 pub mod mailbox_file;
 pub mod mapping;
 pub mod merge;
+pub mod mutant;
 pub mod plan;
 pub mod policy;
 pub mod queue;

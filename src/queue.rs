@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::change::{Change, ChangeKind, ChangeOp, ChangeStamp, DeleteReason, Record, RecordKey};
 use crate::entity::ObjectTypeCode;
 use crate::ids::{CrmId, VersionNumber};
+use crate::mutant::{self, Mutant};
 
 /// Most entries one queue may hold. A queue past this is refused rather than slowly processed.
 pub const QUEUE_LEN_MAX: usize = 16_000_000;
@@ -461,6 +462,9 @@ pub fn coalesce<'q>(entries: &[&'q QueueEntry]) -> Result<Coalesced<'q>, Coalesc
     let key = first.change.key();
     let order = |a: &&QueueEntry, b: &&QueueEntry| match (a.change.stamp(), b.change.stamp()) {
         (ChangeStamp::Crm(va), ChangeStamp::Crm(vb)) => (va, a.id).cmp(&(vb, b.id)),
+        _ if mutant::active(Mutant::HashOrderOutlookChanges) => {
+            mutant::hash_of(a.id).cmp(&mutant::hash_of(b.id))
+        }
         _ => a.id.cmp(&b.id),
     };
     let sorted: Vec<&QueueEntry>;
@@ -548,6 +552,9 @@ pub fn coalesce<'q>(entries: &[&'q QueueEntry]) -> Result<Coalesced<'q>, Coalesc
                 });
             }
             (Net::Create(_), ChangeOp::Create(r) | ChangeOp::Update(r)) => Net::Create(r),
+            (Net::Create(r), ChangeOp::Delete(_)) if mutant::active(Mutant::CoalesceCreateDeleteWrongly) => {
+                Net::Create(r)
+            }
             (Net::Create(_), ChangeOp::Delete(why)) => Net::CreatedThenDeleted(*why),
             (Net::Update(_), ChangeOp::Create(r) | ChangeOp::Update(r)) => Net::Update(r),
             (Net::Update(_), ChangeOp::Delete(why)) => Net::Delete(*why),

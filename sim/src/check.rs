@@ -81,6 +81,17 @@ pub fn after_run(
             }
         }
     }
+    // No linked meeting sits beside an unlinked copy of itself: Exchange gives a mailbox one
+    // copy of a meeting, and a sync that creates a meeting the mailbox already holds must find
+    // that copy by GOID and link it, not add a second (a duplicate meeting in the calendar).
+    for item in items.iter().filter(|i| i.stamp().is_none()) {
+        if let Some(linked) = item.goid.as_ref().and_then(|g| goids.get(g)) {
+            return fail(
+                w,
+                format!("user {u}: linked item {linked} and unlinked item {} share a GOID", item.entry_id),
+            );
+        }
+    }
     // No two records in the user's filter share a GOID (a duplicate meeting in CRM).
     let mut goids = BTreeMap::new();
     for r in records {

@@ -154,8 +154,10 @@ pub(crate) fn retry_under_new_id<M: crate::mailbox::Mailbox>(
     let fresh = fresh_id(*crm_id);
     let mut renamed = action.clone();
     renamed.op = ActionOp::CreateInCrm { crm_id: fresh, entry_id: entry_id.clone(), fields: fields.clone() };
-    if let LinkChange::Link(p) | LinkChange::Replace { link: p, .. } = &mut renamed.link {
-        p.crm_id = fresh;
+    match &mut renamed.link {
+        LinkChange::Link(p) => p.crm_id = fresh,
+        LinkChange::Replace { link, .. } => link.crm_id = fresh,
+        LinkChange::Keep | LinkChange::Remove(_) => {}
     }
     Ok(Some(renamed))
 }

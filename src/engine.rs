@@ -825,7 +825,18 @@ fn apply<S: CrmService, M: Mailbox>(
                     }
                     _ => server.update_record(*crm_id, to_crm),
                 };
-                server_write(written).map(|u| if Some(u.previous) == known { Some(u.version) } else { None })
+                let written = match written {
+                    // Deleted in CRM since (its delete not merged here: it was ignored, or is
+                    // yet to come): like a newer version, the next run merges the delete with
+                    // this edit, and `UpdateVsDeletePolicy` decides (found by crmsync-sim, seed
+                    // 502: after "ignore all errors" set a CRM delete aside, the item's later
+                    // edit was refused on every run and never left the queue).
+                    Err(deleted @ ServerError::RecordDeleted(_)) => {
+                        Err(Failure::Item(ItemError::new(ItemErrorKind::ChangedSince, deleted.to_string())))
+                    }
+                    other => server_write(other),
+                };
+                written.map(|u| if Some(u.previous) == known { Some(u.version) } else { None })
             };
             version.and_then(|v| {
                 let base = synced_base(action, v);

@@ -46,9 +46,9 @@ pub enum ItemErrorKind {
     Unavailable,
     /// The plan refused the record's changes (see `RecordError`).
     Invalid,
-    /// The record changed in CRM since the version the merge started from: nothing was
-    /// written, the record as it is now is queued, and the next run merges it (never ignored:
-    /// it is no error, only a write that waits for a merge).
+    /// The record changed in CRM, or was deleted there, since the version the merge started
+    /// from: nothing was written, the record as it is now (or its delete) is queued, and the
+    /// next run merges it (never ignored: it is no error, only a write that waits for a merge).
     ChangedSince,
 }
 

@@ -623,9 +623,18 @@ impl World {
 
     /// With `CRMSYNC_SIM_WATCH=<CrmId>`, traces what machine `m` holds of that record after each
     /// of its runs (queue entries, mapping, item): why did it (not) sync?
+    /// `CRMSYNC_SIM_WATCH` may also name an item (`EntryId`): its stamp is followed.
     fn watch(&mut self, m: usize) {
-        let Some(id) = std::env::var("CRMSYNC_SIM_WATCH").ok().and_then(|v| v.parse::<CrmId>().ok()) else {
-            return;
+        let Ok(text) = std::env::var("CRMSYNC_SIM_WATCH") else { return };
+        let u = self.machines[m].user;
+        let id = match text.parse::<CrmId>() {
+            Ok(id) => id,
+            Err(_) => {
+                let Ok(entry_id) = EntryId::new(text) else { return };
+                let Ok(Some(item)) = self.users[u].mailbox.get(&entry_id) else { return };
+                let Some(id) = item.stamp() else { return };
+                id
+            }
         };
         let Ok(state) = self.machines[m].cache.load() else { return };
         let mut seen = Vec::new();
@@ -635,8 +644,12 @@ impl World {
                 crmsync::RecordKey::Outlook(_) => e.change.record().and_then(|r| r.crm_id) == Some(id),
             };
             if hit {
+                let error = match &e.last_error {
+                    Some(error) => format!(" ({} tries, last: {error})", e.attempts),
+                    None => String::new(),
+                };
                 seen.push(format!(
-                    "queued {:?} {:?} {:?}",
+                    "queued {:?} {:?} {:?}{error}",
                     e.change.key(),
                     e.change.kind(),
                     e.change.stamp()
@@ -646,7 +659,6 @@ impl World {
         if let Some(entry) = state.mapping.get(id) {
             seen.push(format!("mapped to {} v{:?}", entry.entry_id, entry.crm_version));
         }
-        let u = self.machines[m].user;
         if let Ok(Some(e)) = self.users[u].mailbox.find_by_stamp(id) {
             seen.push(format!("item {e} stamped"));
         }

@@ -197,13 +197,21 @@ fn a_failure_stays_queued_unless_errors_are_ignored() {
 /// pages and the moment it writes that record: the race a conditional write exists for.
 struct EditedMeanwhile<'a> {
     inner: &'a mut ServerStore,
-    edit: Option<(CrmId, FieldPatch)>,
+    edit: Option<(CrmId, Meanwhile)>,
+}
+
+/// What someone else does in CRM meanwhile.
+enum Meanwhile {
+    Update(FieldPatch),
+    Delete,
 }
 
 impl EditedMeanwhile<'_> {
     fn race(&mut self, crm_id: CrmId) {
-        if let Some((id, patch)) = self.edit.take_if(|(id, _)| *id == crm_id) {
-            self.inner.update_record(id, &patch).unwrap();
+        match self.edit.take_if(|(id, _)| *id == crm_id) {
+            Some((id, Meanwhile::Update(patch))) => drop(self.inner.update_record(id, &patch).unwrap()),
+            Some((id, Meanwhile::Delete)) => drop(self.inner.delete_record(id).unwrap()),
+            None => {}
         }
     }
 }
@@ -292,7 +300,8 @@ fn a_crm_edit_made_while_a_run_writes_is_merged_not_overwritten() {
             &f(&[("fullname", "Alice (CRM)"), ("jobtitle", "Lead")]),
         );
         let config = EngineConfig { ignore_all_errors, ..EngineConfig::default() };
-        let mut racing = EditedMeanwhile { inner: &mut world.server, edit: Some((id(1), theirs)) };
+        let mut racing =
+            EditedMeanwhile { inner: &mut world.server, edit: Some((id(1), Meanwhile::Update(theirs))) };
         let edges = Edges {
             server: &mut racing,
             mailbox: &mut laptop.mailbox,
@@ -319,6 +328,38 @@ fn a_crm_edit_made_while_a_run_writes_is_merged_not_overwritten() {
         );
         assert_converged(&world, &laptop);
     }
+}
+
+#[test]
+fn an_edit_of_a_record_deleted_in_crm_meanwhile_brings_it_back() {
+    // DOMAIN: update against delete, the update wins by default and CRM gets the record back.
+    let mut world = World::new();
+    let mut laptop = world.machine(0, "LAPTOP", "AA");
+    world.put(1, 0, Contact, &[("fullname", "Alice")], &[]);
+    world.sync(&mut laptop, &EngineConfig::default());
+    let item = laptop.mailbox.find_by_stamp(id(1)).unwrap().unwrap();
+    laptop.mailbox.user_update(&item, f(&[("fullname", "Alice B")])).unwrap();
+    let config = EngineConfig { ignore_all_errors: true, ..EngineConfig::default() };
+    let mut racing = EditedMeanwhile { inner: &mut world.server, edit: Some((id(1), Meanwhile::Delete)) };
+    let edges = Edges {
+        server: &mut racing,
+        mailbox: &mut laptop.mailbox,
+        cache: &mut laptop.cache,
+        ids: &mut laptop.ids,
+        observer: &mut NoObserver,
+    };
+    let raced = run_sync(edges, laptop.subscription, &config).unwrap();
+    assert_eq!(raced.by_entity[&Contact].failed, 1, "the write waits for the delete: {raced:?}");
+    assert!(laptop.cache.load().unwrap().ignored.is_empty());
+    world.sync(&mut laptop, &config);
+    let stamp = laptop.mailbox.get(&item).unwrap().unwrap().stamp().expect("linked again");
+    assert_eq!(
+        stamp,
+        id(1).successor(),
+        "a CrmId is never used again: the record comes back as its successor"
+    );
+    assert_eq!(world.server.record(stamp).unwrap().unwrap().fields, f(&[("fullname", "Alice B")]));
+    assert_converged(&world, &laptop);
 }
 
 /// Stops the run once the mailbox's changes are queued, before anything is applied.

@@ -9,7 +9,7 @@
 //! touched; in swarm mode (no trace kept) nothing here runs.
 //!
 //! The counts of a sync run are read back from its outcome text (`ok in 3/out 1 created 0 ...`),
-//! the format `World::sync` writes; a line that does not match is kept with
+//! the format [`completed_run_line`] writes; a line that does not match is kept with
 //! [`RunOutcome::Unknown`] rather than guessed at, and `sim/tests/timeline.rs` checks real seeds
 //! never produce one.
 
@@ -167,6 +167,34 @@ impl TraceEvent {
 
 /// `ok in 3/out 1 created 0 updated 2 deleted 0 untracked 0 conflicts 0 failed 0 ignored 0
 /// [notes]`, `secondary: ...`, `stopped: ...`, `crashed after ...`.
+/// The outcome text of a primary run that completed: `ok in S/out M created ... ignored N`,
+/// the counts summed over entity types. Written by both the world and the scenario runner,
+/// and read back by [`parse_run_outcome`].
+pub fn completed_run_line(report: &crmsync::engine::RunReport) -> String {
+    let mut t = crmsync::engine::RunCounts::default();
+    for c in report.by_entity.values() {
+        t.created += c.created;
+        t.updated += c.updated;
+        t.deleted += c.deleted;
+        t.untracked += c.untracked;
+        t.merged_conflicts += c.merged_conflicts;
+        t.failed += c.failed;
+        t.ignored += c.ignored;
+    }
+    format!(
+        "ok in {}/out {} created {} updated {} deleted {} untracked {} conflicts {} failed {} ignored {}",
+        report.server_changes,
+        report.mailbox_changes,
+        t.created,
+        t.updated,
+        t.deleted,
+        t.untracked,
+        t.merged_conflicts,
+        t.failed,
+        t.ignored
+    )
+}
+
 fn parse_run_outcome(outcome: &str) -> RunOutcome {
     if outcome.starts_with("secondary") {
         return RunOutcome::Secondary;

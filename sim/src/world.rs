@@ -567,29 +567,8 @@ impl World {
             Ok(report) if !report.primary => "secondary: nothing to do".to_owned(),
             Ok(report) => {
                 self.sync_runs += 1;
-                let mut totals = crmsync::engine::RunCounts::default();
-                for c in report.by_entity.values() {
-                    totals.created += c.created;
-                    totals.updated += c.updated;
-                    totals.deleted += c.deleted;
-                    totals.untracked += c.untracked;
-                    totals.merged_conflicts += c.merged_conflicts;
-                    totals.failed += c.failed;
-                    totals.ignored += c.ignored;
-                }
                 changed = report.server_changes + report.mailbox_changes > 0;
-                format!(
-                    "ok in {}/out {} created {} updated {} deleted {} untracked {} conflicts {} failed {} ignored {}",
-                    report.server_changes,
-                    report.mailbox_changes,
-                    totals.created,
-                    totals.updated,
-                    totals.deleted,
-                    totals.untracked,
-                    totals.merged_conflicts,
-                    totals.failed,
-                    totals.ignored
-                )
+                crate::trace::completed_run_line(report)
             }
             Err(EngineError::Interrupted(step)) => {
                 self.sync_runs += 1;

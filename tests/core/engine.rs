@@ -28,6 +28,25 @@ struct Machine {
     subscription: SubscriptionId,
 }
 
+impl Machine {
+    /// One sync run of this machine through `server`, heard by `observer`.
+    fn run<S: CrmService>(
+        &mut self,
+        server: &mut S,
+        observer: &mut dyn StepObserver,
+        config: &EngineConfig,
+    ) -> Result<RunReport, EngineError> {
+        let edges = Edges {
+            server,
+            mailbox: &mut self.mailbox,
+            cache: &mut self.cache,
+            ids: &mut self.ids,
+            observer,
+        };
+        run_sync(edges, self.subscription, config)
+    }
+}
+
 struct World {
     server: ServerStore,
     clock: Rc<ManualClock>,
@@ -53,14 +72,7 @@ impl World {
     }
 
     fn sync(&mut self, m: &mut Machine, config: &EngineConfig) -> RunReport {
-        let edges = Edges {
-            server: &mut self.server,
-            mailbox: &mut m.mailbox,
-            cache: &mut m.cache,
-            ids: &mut m.ids,
-            observer: &mut NoObserver,
-        };
-        run_sync(edges, m.subscription, config).unwrap()
+        m.run(&mut self.server, &mut NoObserver, config).unwrap()
     }
 
     fn put(&mut self, crm: u128, owner: u8, otc: ObjectTypeCode, fields: &[(&str, &str)], attendees: &[u8]) {
@@ -302,14 +314,7 @@ fn a_crm_edit_made_while_a_run_writes_is_merged_not_overwritten() {
         let config = EngineConfig { ignore_all_errors, ..EngineConfig::default() };
         let mut racing =
             EditedMeanwhile { inner: &mut world.server, edit: Some((id(1), Meanwhile::Update(theirs))) };
-        let edges = Edges {
-            server: &mut racing,
-            mailbox: &mut laptop.mailbox,
-            cache: &mut laptop.cache,
-            ids: &mut laptop.ids,
-            observer: &mut NoObserver,
-        };
-        let raced = run_sync(edges, laptop.subscription, &config).unwrap();
+        let raced = laptop.run(&mut racing, &mut NoObserver, &config).unwrap();
         assert_eq!(raced.by_entity[&Contact].failed, 1, "the write waits: {raced:?}");
         assert_eq!(
             world.server.record(id(1)).unwrap().unwrap().fields,
@@ -341,14 +346,7 @@ fn an_edit_of_a_record_deleted_in_crm_meanwhile_brings_it_back() {
     laptop.mailbox.user_update(&item, f(&[("fullname", "Alice B")])).unwrap();
     let config = EngineConfig { ignore_all_errors: true, ..EngineConfig::default() };
     let mut racing = EditedMeanwhile { inner: &mut world.server, edit: Some((id(1), Meanwhile::Delete)) };
-    let edges = Edges {
-        server: &mut racing,
-        mailbox: &mut laptop.mailbox,
-        cache: &mut laptop.cache,
-        ids: &mut laptop.ids,
-        observer: &mut NoObserver,
-    };
-    let raced = run_sync(edges, laptop.subscription, &config).unwrap();
+    let raced = laptop.run(&mut racing, &mut NoObserver, &config).unwrap();
     assert_eq!(raced.by_entity[&Contact].failed, 1, "the write waits for the delete: {raced:?}");
     assert!(laptop.cache.load().unwrap().ignored.is_empty());
     world.sync(&mut laptop, &config);
@@ -381,14 +379,7 @@ fn crm_holding_a_value_the_item_has_since_moved_on_from_is_no_conflict() {
     world.sync(&mut laptop, &EngineConfig::default());
     let item = laptop.mailbox.find_by_stamp(id(1)).unwrap().unwrap();
     laptop.mailbox.user_update(&item, f(&[("fullname", "Alice B"), ("jobtitle", "Dev")])).unwrap();
-    let edges = Edges {
-        server: &mut world.server,
-        mailbox: &mut laptop.mailbox,
-        cache: &mut laptop.cache,
-        ids: &mut laptop.ids,
-        observer: &mut KillAfterQueueingOutlook,
-    };
-    assert!(run_sync(edges, laptop.subscription, &EngineConfig::default()).is_err());
+    assert!(laptop.run(&mut world.server, &mut KillAfterQueueingOutlook, &EngineConfig::default()).is_err());
     let alice = f(&[("fullname", "Alice"), ("jobtitle", "Dev")]);
     world
         .server

@@ -937,30 +937,7 @@ impl<'s> Runner<'s> {
         let desk = Rc::try_unwrap(desk).map(RefCell::into_inner).unwrap_or_default();
         let outcome = match &result {
             Ok(report) if !report.primary => "secondary: nothing to do".to_owned(),
-            Ok(report) => {
-                let mut t = crmsync::engine::RunCounts::default();
-                for c in report.by_entity.values() {
-                    t.created += c.created;
-                    t.updated += c.updated;
-                    t.deleted += c.deleted;
-                    t.untracked += c.untracked;
-                    t.merged_conflicts += c.merged_conflicts;
-                    t.failed += c.failed;
-                    t.ignored += c.ignored;
-                }
-                format!(
-                    "ok in {}/out {} created {} updated {} deleted {} untracked {} conflicts {} failed {} ignored {}",
-                    report.server_changes,
-                    report.mailbox_changes,
-                    t.created,
-                    t.updated,
-                    t.deleted,
-                    t.untracked,
-                    t.merged_conflicts,
-                    t.failed,
-                    t.ignored
-                )
-            }
+            Ok(report) => crate::trace::completed_run_line(report),
             Err(EngineError::Interrupted(step)) => format!("crashed after {step:?}"),
             Err(EngineError::Server(ServerError::Unreachable(why))) => format!("stopped: {why}"),
             Err(other) => format!("stopped: {other}"),

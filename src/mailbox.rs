@@ -275,6 +275,22 @@ pub trait Mailbox {
     fn flush(&mut self) -> Result<(), MailboxError>;
 }
 
+/// The rule every stamping write checks: `stamp` may go on an item that carries `current` only
+/// if the item already carries it or no item does (one item per `CrmId`).
+pub(crate) fn ensure_stamp_free<M: Mailbox + ?Sized>(
+    mailbox: &M,
+    current: Option<CrmId>,
+    stamp: CrmId,
+) -> Result<(), MailboxError> {
+    if current == Some(stamp) {
+        return Ok(());
+    }
+    match mailbox.find_by_stamp(stamp)? {
+        Some(entry_id) => Err(MailboxError::StampTaken { stamp, entry_id }),
+        None => Ok(()),
+    }
+}
+
 /// What a person does in Outlook. These are user changes: reported when the item is tracked.
 /// Each is durable when it returns.
 pub trait UserEdits {
@@ -529,9 +545,7 @@ impl Mailbox for MemoryMailbox {
 
     fn create(&mut self, new: NewItem) -> Result<EntryId, MailboxError> {
         check_goid(new.object_type, &new.goid)?;
-        if let Some(entry_id) = self.find_by_stamp(new.stamp)? {
-            return Err(MailboxError::StampTaken { stamp: new.stamp, entry_id });
-        }
+        ensure_stamp_free(self, None, new.stamp)?;
         self.check_room()?;
         let modified_at = self.clock.now();
         Ok(self.insert(|entry_id| MailboxItem {
@@ -574,9 +588,7 @@ impl Mailbox for MemoryMailbox {
             return Ok(());
         }
         if let Some(stamp) = stamp {
-            if let Some(entry_id) = self.find_by_stamp(stamp)? {
-                return Err(MailboxError::StampTaken { stamp, entry_id });
-            }
+            ensure_stamp_free(self, old.stamp(), stamp)?;
         }
         let (now, head) = (self.clock.now(), self.head_seq());
         self.unindex(number, &old);
@@ -610,11 +622,7 @@ impl Mailbox for MemoryMailbox {
         // Everything that can refuse is checked first; then neither write can fail.
         let number = self.number_of(entry_id)?;
         patch.apply(&self.items[&number].item.fields)?;
-        if self.items[&number].item.stamp() != Some(stamp) {
-            if let Some(entry_id) = self.find_by_stamp(stamp)? {
-                return Err(MailboxError::StampTaken { stamp, entry_id });
-            }
-        }
+        ensure_stamp_free(self, self.items[&number].item.stamp(), stamp)?;
         self.update(entry_id, patch)?;
         self.link(entry_id, stamp, base)
     }

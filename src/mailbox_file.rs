@@ -29,11 +29,11 @@ use crate::clock::Clock;
 use crate::entity::{ObjectTypeCode, UnknownObjectTypeCode};
 use crate::fields::{FieldPatch, Fields};
 use crate::ids::{CrmId, EntryId, GlobalObjectId};
-use crate::mailbox::SyncBase;
 use crate::mailbox::{
     ChangePage, ENTRY_ID_PREFIX_LEN_MAX, EntryIdFormat, ITEM_COUNT_MAX, Mailbox, MailboxChange,
     MailboxCursor, MailboxError, MailboxItem, NewItem, Tracking, UserEdits, check_goid, check_page,
 };
+use crate::mailbox::{SyncBase, ensure_stamp_free};
 
 /// `PRAGMA application_id` of a crmsync mailbox file ("CRMM"; the server store is "CRMS").
 pub const MAILBOX_APPLICATION_ID: i32 = 0x4352_4D4D;
@@ -659,9 +659,7 @@ impl Mailbox for SqliteMailbox {
 
     fn create(&mut self, new: NewItem) -> Result<EntryId, MailboxError> {
         check_goid(new.object_type, &new.goid)?;
-        if let Some(entry_id) = self.find_by_stamp(new.stamp)? {
-            return Err(MailboxError::StampTaken { stamp: new.stamp, entry_id });
-        }
+        ensure_stamp_free(self, None, new.stamp)?;
         self.check_room()?;
         self.begin()?;
         let item = MailboxItem {
@@ -711,9 +709,7 @@ impl Mailbox for SqliteMailbox {
             return Ok(());
         }
         if let Some(stamp) = stamp {
-            if let Some(entry_id) = self.find_by_stamp(stamp)? {
-                return Err(MailboxError::StampTaken { stamp, entry_id });
-            }
+            ensure_stamp_free(self, item.stamp(), stamp)?;
         }
         let head = self.head_seq()?;
         self.begin()?;
@@ -735,11 +731,7 @@ impl Mailbox for SqliteMailbox {
 
     fn link(&mut self, entry_id: &EntryId, stamp: CrmId, base: SyncBase) -> Result<(), MailboxError> {
         let (number, item) = self.existing(entry_id)?;
-        if item.stamp() != Some(stamp) {
-            if let Some(entry_id) = self.find_by_stamp(stamp)? {
-                return Err(MailboxError::StampTaken { stamp, entry_id });
-            }
-        }
+        ensure_stamp_free(self, item.stamp(), stamp)?;
         let synced = synced_text(&base)?;
         self.begin()?;
         self.conn
@@ -760,11 +752,7 @@ impl Mailbox for SqliteMailbox {
     ) -> Result<(), MailboxError> {
         let (number, item) = self.existing(entry_id)?;
         let fields = patch.apply(&item.fields)?;
-        if item.stamp() != Some(stamp) {
-            if let Some(entry_id) = self.find_by_stamp(stamp)? {
-                return Err(MailboxError::StampTaken { stamp, entry_id });
-            }
-        }
+        ensure_stamp_free(self, item.stamp(), stamp)?;
         let json = serde_json::to_string(&fields).map_err(|e| corrupt("Item", "Fields", e))?;
         let synced = synced_text(&base)?;
         let now = time_text(self.clock.now());

@@ -768,11 +768,18 @@ fn apply<S: CrmService, M: Mailbox>(
         ActionOp::Reject { error } => {
             return Ok(failed(ItemError::new(ItemErrorKind::Invalid, error.to_string())));
         }
-        ActionOp::Drop { .. } => Ok(Applied::default()),
+        // Nothing to write to either side's data; a pair that moves to a newer version (an
+        // echo) takes the item's copy of the base along, so a new primary finds it there.
+        ActionOp::Drop { .. } => match pending(&action.link) {
+            Some(PendingLink { crm_id, entry_id: Some(entry_id), .. }) => {
+                relink(mailbox, entry_id, *crm_id, synced_base(action, None)).map(|()| Applied::default())
+            }
+            _ => Ok(Applied::default()),
+        },
         ActionOp::CreateInOutlook { crm_id, fields, goid_search } => {
             create_in_outlook(mailbox, action, *crm_id, fields, goid_search.as_ref())
         }
-        ActionOp::CreateInCrm { crm_id, entry_id, fields } => {
+        ActionOp::CreateInCrm { crm_id, entry_id, fields, to_outlook } => {
             let link = pending(&action.link);
             let record = Record {
                 fields: fields.clone(),
@@ -790,7 +797,14 @@ fn apply<S: CrmService, M: Mailbox>(
             let relink = |mailbox: &mut M, entry_id: &EntryId, crm_id: CrmId, base: Option<SyncBase>| {
                 if mutant::active(Mutant::NoStamp) { Ok(()) } else { relink(mailbox, entry_id, crm_id, base) }
             };
-            relink(mailbox, entry_id, *crm_id, synced_base(action, None))
+            let first = match synced_base(action, None) {
+                // A record brought back with CRM values the item lacks: they land with the stamp.
+                Some(base) if !to_outlook.is_empty() => {
+                    mailbox.update_and_link(entry_id, to_outlook, *crm_id, base).map_err(Failure::from)
+                }
+                base => relink(mailbox, entry_id, *crm_id, base),
+            };
+            first
                 .and_then(|()| {
                     server_write(server.create_record(subscription, *crm_id, action.object_type, &record))
                 })

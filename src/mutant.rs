@@ -147,13 +147,18 @@ pub(crate) fn retry_under_new_id<M: crate::mailbox::Mailbox>(
     mailbox: &M,
 ) -> Result<Option<crate::plan::Action>, crate::engine::EngineError> {
     use crate::plan::{ActionOp, LinkChange};
-    let ActionOp::CreateInCrm { crm_id, entry_id, fields } = &action.op else { return Ok(None) };
+    let ActionOp::CreateInCrm { crm_id, entry_id, fields, to_outlook } = &action.op else { return Ok(None) };
     if mailbox.get(entry_id)?.and_then(|i| i.stamp()) != Some(*crm_id) {
         return Ok(None);
     }
     let fresh = fresh_id(*crm_id);
     let mut renamed = action.clone();
-    renamed.op = ActionOp::CreateInCrm { crm_id: fresh, entry_id: entry_id.clone(), fields: fields.clone() };
+    renamed.op = ActionOp::CreateInCrm {
+        crm_id: fresh,
+        entry_id: entry_id.clone(),
+        fields: fields.clone(),
+        to_outlook: to_outlook.clone(),
+    };
     match &mut renamed.link {
         LinkChange::Link(p) => p.crm_id = fresh,
         LinkChange::Replace { link, .. } => link.crm_id = fresh,

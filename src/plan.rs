@@ -111,11 +111,14 @@ pub enum ActionOp {
         goid_search: Option<GlobalObjectId>,
     },
     /// Create the CRM record `crm_id` (the client-chosen id; a retry with the same id and fields
-    /// is a success) and stamp the Outlook item `entry_id` with it.
+    /// is a success) and stamp the Outlook item `entry_id` with it, writing `to_outlook` to the
+    /// item in the same write (empty but for a record brought back by update-wins-over-delete
+    /// with CRM values the item lacks).
     CreateInCrm {
         crm_id: CrmId,
         entry_id: EntryId,
         fields: Fields,
+        to_outlook: FieldPatch,
     },
     /// Write the patches (an empty one writes nothing) and stamp the item with `crm_id`.
     Update {
@@ -633,9 +636,34 @@ impl<'m> Planner<'m> {
 
         use Upsert::*;
         match (crm_side, outlook_side, mapped) {
-            (None, None, _) => {
+            (None, None, mapped) => {
                 let why = dropped.unwrap_or(DropReason::NotHeld);
-                ctx.act(DecisionRow::NoChange, ActionOp::Drop { why }, LinkChange::Keep, vec![])
+                // A CRM change dropped as an echo of the base still says a newer version holds
+                // that base: the pair (and the item's copy of the base) moves to it. Kept
+                // behind, the next write to CRM would be made over a version CRM has left, and
+                // a new primary reading the item's base would merge against an older one (found
+                // by crmsync-sim, seed 587: the base had taken a write whose answer was lost).
+                let echoed = match (&crm, mapped) {
+                    (Some(c), Some(m)) if crm_version(&crm) > m.crm_version => match c.net {
+                        Net::Create(r) | Net::Update(r) => Some((m, r)),
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                let link = match echoed {
+                    Some((m, r)) => LinkChange::Link(pending(
+                        m.crm_id,
+                        Some(m.entry_id.clone()),
+                        object_type,
+                        m.base.clone(),
+                        Some(r),
+                        None,
+                        m,
+                        crm_version(&crm),
+                    )),
+                    None => LinkChange::Keep,
+                };
+                ctx.act(DecisionRow::NoChange, ActionOp::Drop { why }, link, vec![])
             }
             (Some(Write(c)), None, None) => self.create_in_outlook(ctx, &crm, c),
             (Some(Write(c)), None, Some(m)) => {
@@ -707,15 +735,17 @@ impl<'m> Planner<'m> {
                     vec![],
                 ),
                 (DeleteReason::Deleted, UpdateVsDeletePolicy::UpdateWins) => {
+                    let last = written_before_delete(&crm, m);
                     let merged = merged_or_reject!(
                         ctx,
-                        merge(&m.base, None, Some(&o.fields), object_type, self.policies)
+                        merge(&m.base, last, Some(&o.fields), object_type, self.policies)
                     );
                     let new_id = m.crm_id.successor();
                     let op = ActionOp::CreateInCrm {
                         crm_id: new_id,
                         entry_id: m.entry_id.clone(),
                         fields: merged.fields.clone(),
+                        to_outlook: merged.to_outlook,
                     };
                     // A new record: the old record's versions say nothing about it.
                     let link = PendingLink {
@@ -735,7 +765,7 @@ impl<'m> Planner<'m> {
                         DecisionRow::UpdateVsDelete,
                         op,
                         LinkChange::Replace { remove: m.crm_id, link: Box::new(link) },
-                        vec![],
+                        merged.conflicts,
                     )
                 }
                 (DeleteReason::Deleted, UpdateVsDeletePolicy::DeleteWins) => {
@@ -874,7 +904,12 @@ impl<'m> Planner<'m> {
             ctx,
             merge(&Fields::empty(), None, Some(&record.fields), ctx.object_type, self.policies)
         );
-        let op = ActionOp::CreateInCrm { crm_id, entry_id: entry_id.clone(), fields: merged.fields.clone() };
+        let op = ActionOp::CreateInCrm {
+            crm_id,
+            entry_id: entry_id.clone(),
+            fields: merged.fields.clone(),
+            to_outlook: FieldPatch::default(),
+        };
         let link = PendingLink {
             crm_id,
             entry_id: Some(entry_id),
@@ -1097,6 +1132,17 @@ fn crm_version(crm: &Option<Coalesced>) -> Option<VersionNumber> {
     }
 }
 
+/// What CRM held when a held record was deleted there, if it had changed since the pair's base
+/// (a version newer than the pair's): update wins over the delete with the record's latest
+/// values, merged with the item's edit like any update, so a CRM edit made before the delete
+/// is not lost to the base (found by crmsync-sim, seed 853).
+fn written_before_delete<'q>(crm: &Option<Coalesced<'q>>, m: &MappingEntry) -> Option<&'q Fields> {
+    match crm.as_ref()?.before_delete? {
+        (ChangeStamp::Crm(v), record) if Some(v) > m.crm_version => Some(&record.fields),
+        _ => None,
+    }
+}
+
 /// The mapping entry after a change of a held pair: the new base; the role from CRM (which
 /// knows ownership and attendance); the status from the side that changed, CRM first; the newest
 /// CRM version.
@@ -1134,8 +1180,11 @@ impl fmt::Display for Action {
                 }
                 writeln!(f, "  create in Outlook, stamped {crm_id}: {fields}")?;
             }
-            ActionOp::CreateInCrm { crm_id, entry_id, fields } => {
+            ActionOp::CreateInCrm { crm_id, entry_id, fields, to_outlook } => {
                 writeln!(f, "  create in CRM as {crm_id}, stamp {entry_id}: {fields}")?;
+                if !to_outlook.is_empty() {
+                    writeln!(f, "  update Outlook {entry_id}: {to_outlook}")?;
+                }
             }
             ActionOp::Update { crm_id, entry_id, to_crm, to_outlook } => {
                 let show = |p: &FieldPatch| if p.is_empty() { "nothing".to_owned() } else { p.to_string() };

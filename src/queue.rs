@@ -425,6 +425,10 @@ pub struct Coalesced<'q> {
     pub crm_id: Option<CrmId>,
     /// The queue entries folded in, in id order. Settling the decision removes exactly these.
     pub consumed: QueueIds,
+    /// A net delete's last record before it, with that change's stamp: what the record held
+    /// when it was deleted, so "update wins over delete" brings back its latest values, not the
+    /// ones last synced.
+    pub before_delete: Option<(ChangeStamp, &'q Record)>,
 }
 
 /// Why the changes of one record could not be folded. Every variant names the record and the
@@ -489,6 +493,7 @@ pub fn coalesce<'q>(entries: &[&'q QueueEntry]) -> Result<Coalesced<'q>, Coalesc
         },
         crm_id: head.change.record().and_then(|r| r.crm_id),
         consumed: QueueIds::new(),
+        before_delete: None,
     };
     acc.consumed.push(head.id);
     let mut prev = head;
@@ -530,6 +535,7 @@ pub fn coalesce<'q>(entries: &[&'q QueueEntry]) -> Result<Coalesced<'q>, Coalesc
                 });
             }
         }
+        let (before, before_stamp) = (acc.net, acc.stamp);
         acc.net = match (&acc.net, change.op()) {
             // Leaving the filter is not the end of a CrmId: the record may come back into the
             // filter (given back, invited again) or leave it again, or be deleted.
@@ -558,6 +564,14 @@ pub fn coalesce<'q>(entries: &[&'q QueueEntry]) -> Result<Coalesced<'q>, Coalesc
             (Net::Create(_), ChangeOp::Delete(why)) => Net::CreatedThenDeleted(*why),
             (Net::Update(_), ChangeOp::Create(r) | ChangeOp::Update(r)) => Net::Update(r),
             (Net::Update(_), ChangeOp::Delete(why)) => Net::Delete(*why),
+        };
+        acc.before_delete = match (acc.net, before) {
+            (Net::Delete(_) | Net::CreatedThenDeleted(_), Net::Create(r) | Net::Update(r)) => {
+                Some((before_stamp, r))
+            }
+            // A delete after leaving the filter: the record was last seen before it left.
+            (Net::Delete(_) | Net::CreatedThenDeleted(_), _) => acc.before_delete,
+            _ => None,
         };
         acc.stamp = change.stamp();
         // The first id is the create's idempotency key: a later change of the same item may

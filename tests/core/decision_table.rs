@@ -93,7 +93,9 @@ fn row_crm_delete_unmapped_is_dropped_without_error() {
 #[test]
 fn row_outlook_create_unmapped_creates_in_crm_with_the_chosen_id() {
     let world = World::new().outlook("E1", Contact, 1, ChangeOp::Create(orec(9, ALICE)));
-    let [ActionOp::CreateInCrm { crm_id, entry_id, fields }] = &ops(&world)[..] else { panic!("one create") };
+    let [ActionOp::CreateInCrm { crm_id, entry_id, fields, .. }] = &ops(&world)[..] else {
+        panic!("one create")
+    };
     assert_eq!((*crm_id, entry_id.as_str(), fields), (id(9), "E1", &f(ALICE)));
     snapshot!("row05_outlook_create_unmapped", world.render());
 }
@@ -204,6 +206,30 @@ fn row_update_vs_delete_update_wins_and_nothing_is_lost() {
     // Outlook updated, record left the filter (still exists in CRM): both stay, untracked.
     assert!(matches!(&plan.actions[2].op, ActionOp::Untrack { .. }));
     snapshot!("row09_update_vs_delete_update_wins", world.render());
+}
+
+#[test]
+fn update_wins_over_a_crm_delete_with_the_records_last_crm_values() {
+    // CRM edited the task (v12) and then deleted it (v13); Outlook edited another field. The
+    // record comes back with both edits; the item takes the CRM one. A CRM edit at or below
+    // the pair's version (v9: already in the base) brings nothing back.
+    let world = World::new()
+        .map(2, "E2", Task, &[("subject", "Call back")])
+        .crm(2, Task, 12, ChangeOp::Update(rec(&[("subject", "Call back"), ("description", "urgent")])))
+        .crm(2, Task, 13, ChangeOp::Delete(DeleteReason::Deleted))
+        .outlook("E2", Task, 2, ChangeOp::Update(rec(&[("subject", "Call back today")])))
+        .map(3, "E3", Task, &[("subject", "Old")])
+        .crm(3, Task, 9, ChangeOp::Update(rec(&[("subject", "Older")])))
+        .crm(3, Task, 14, ChangeOp::Delete(DeleteReason::Deleted))
+        .outlook("E3", Task, 3, ChangeOp::Update(rec(&[("subject", "New")])));
+    let ops = ops(&world);
+    let ActionOp::CreateInCrm { fields, to_outlook, .. } = &ops[0] else { panic!("re-create: {ops:?}") };
+    assert_eq!(fields, &f(&[("subject", "Call back today"), ("description", "urgent")]));
+    assert_eq!(to_outlook.iter().collect::<Vec<_>>(), [("description", Some("urgent"))]);
+    let ActionOp::CreateInCrm { fields, to_outlook, .. } = &ops[1] else { panic!("re-create: {ops:?}") };
+    assert_eq!(fields, &f(&[("subject", "New")]));
+    assert!(to_outlook.is_empty());
+    snapshot!("policy_update_wins_with_last_crm_values", world.render());
 }
 
 #[test]

@@ -212,10 +212,12 @@ struct EditedMeanwhile<'a> {
     edit: Option<(CrmId, Meanwhile)>,
 }
 
-/// What someone else does in CRM meanwhile.
+/// What someone else does in CRM meanwhile (or what the network does to the answer).
 enum Meanwhile {
     Update(FieldPatch),
     Delete,
+    /// The run's own write lands, and its answer is lost.
+    LoseAnswer,
 }
 
 impl EditedMeanwhile<'_> {
@@ -223,6 +225,7 @@ impl EditedMeanwhile<'_> {
         match self.edit.take_if(|(id, _)| *id == crm_id) {
             Some((id, Meanwhile::Update(patch))) => drop(self.inner.update_record(id, &patch).unwrap()),
             Some((id, Meanwhile::Delete)) => drop(self.inner.delete_record(id).unwrap()),
+            Some(other @ (_, Meanwhile::LoseAnswer)) => self.edit = Some(other),
             None => {}
         }
     }
@@ -286,7 +289,11 @@ impl CrmService for EditedMeanwhile<'_> {
         expected: VersionNumber,
     ) -> Result<Updated, ServerError> {
         self.race(crm_id);
-        self.inner.update_record_if(crm_id, patch, expected)
+        let written = self.inner.update_record_if(crm_id, patch, expected);
+        match self.edit.take_if(|(id, m)| *id == crm_id && matches!(m, Meanwhile::LoseAnswer)) {
+            Some(_) => Err(ServerError::Unreachable("the answer was lost".into())),
+            None => written,
+        }
     }
     fn delete_record(&mut self, crm_id: CrmId) -> Result<VersionNumber, ServerError> {
         self.inner.delete_record(crm_id)
@@ -357,6 +364,55 @@ fn an_edit_of_a_record_deleted_in_crm_meanwhile_brings_it_back() {
         "a CrmId is never used again: the record comes back as its successor"
     );
     assert_eq!(world.server.record(stamp).unwrap().unwrap().fields, f(&[("fullname", "Alice B")]));
+    assert_converged(&world, &laptop);
+}
+
+#[test]
+fn a_record_brought_back_by_an_edit_keeps_its_last_crm_values() {
+    // CRM edits one field, the client queues that edit and stops before applying it, then CRM
+    // deletes the record; the item's edit of another field wins over the delete. The record
+    // comes back with both edits, and the item takes the CRM edit it never received.
+    let mut world = World::new();
+    let mut laptop = world.machine(0, "LAPTOP", "AA");
+    world.put(1, 0, Contact, &[("fullname", "Alice"), ("jobtitle", "Dev")], &[]);
+    world.sync(&mut laptop, &EngineConfig::default());
+    let item = laptop.mailbox.find_by_stamp(id(1)).unwrap().unwrap();
+    let alice = f(&[("fullname", "Alice"), ("jobtitle", "Dev")]);
+    let lead = f(&[("fullname", "Alice"), ("jobtitle", "Lead")]);
+    world.server.update_record(id(1), &FieldPatch::between(&alice, &lead)).unwrap();
+    laptop.mailbox.user_update(&item, f(&[("fullname", "Alice B"), ("jobtitle", "Dev")])).unwrap();
+    assert!(laptop.run(&mut world.server, &mut KillAfterQueueingOutlook, &EngineConfig::default()).is_err());
+    world.server.delete_record(id(1)).unwrap();
+    world.sync(&mut laptop, &EngineConfig::default());
+    let both = f(&[("fullname", "Alice B"), ("jobtitle", "Lead")]);
+    let back = laptop.mailbox.get(&item).unwrap().unwrap();
+    assert_eq!(back.stamp(), Some(id(1).successor()));
+    assert_eq!(world.server.record(id(1).successor()).unwrap().unwrap().fields, both);
+    assert_eq!(back.fields, both);
+    assert_converged(&world, &laptop);
+}
+
+#[test]
+fn an_echo_moves_the_items_base_to_the_version_crm_holds() {
+    // A write whose answer was lost: the next run learns from CRM's change that it landed (the
+    // pair's base takes it) and drops that change as an echo. The pair and the item's copy of
+    // the base still move to the version CRM holds, so the next write is made over it and a
+    // machine that reads the item's base later (a new primary) merges against the right one.
+    let mut world = World::new();
+    let mut laptop = world.machine(0, "LAPTOP", "AA");
+    world.put(1, 0, Contact, &[("fullname", "Alice")], &[]);
+    world.sync(&mut laptop, &EngineConfig::default());
+    let item = laptop.mailbox.find_by_stamp(id(1)).unwrap().unwrap();
+    laptop.mailbox.user_update(&item, f(&[("fullname", "Alice B")])).unwrap();
+    let mut lossy = EditedMeanwhile { inner: &mut world.server, edit: Some((id(1), Meanwhile::LoseAnswer)) };
+    assert!(laptop.run(&mut lossy, &mut NoObserver, &EngineConfig::default()).is_err());
+    let v = world.server.record(id(1)).unwrap().unwrap().version;
+    let report = world.sync(&mut laptop, &EngineConfig::default());
+    assert_eq!(report.by_entity[&Contact].updated, 0, "nothing left to write: {report:?}");
+    let state = laptop.cache.load().unwrap();
+    assert_eq!(state.mapping.get(id(1)).unwrap().crm_version, Some(v));
+    let synced = laptop.mailbox.get(&item).unwrap().unwrap().synced.expect("a base on the item");
+    assert_eq!((synced.crm_version, synced.fields), (Some(v), f(&[("fullname", "Alice B")])));
     assert_converged(&world, &laptop);
 }
 

@@ -860,16 +860,23 @@ fn coalesced_entries(entries: &[QueueEntry]) -> Result<Vec<QueueEntry>, String> 
             Net::Update(r) => {
                 out.push(entry(last, one(ChangeOp::Update(Record { crm_id: c.crm_id, ..(*r).clone() }))?))
             }
-            Net::Delete(why) => out.push(entry(last, one(ChangeOp::Delete(*why))?)),
+            // A delete keeps the last record before it (what update-wins brings back): the
+            // net queue holds that record's change, then the delete.
+            Net::Delete(why) => {
+                if let Some((stamp, r)) = c.before_delete {
+                    let op = ChangeOp::Update(Record { crm_id: c.crm_id, ..r.clone() });
+                    let before = Change::new(key.clone(), c.object_type, stamp, op)
+                        .map_err(|e| format!("the change before the delete of {key} is not valid: {e}"))?;
+                    out.push(entry(first, before));
+                }
+                out.push(entry(last, one(ChangeOp::Delete(*why))?));
+            }
             Net::CreatedThenDeleted(why) => {
-                let head = group
-                    .iter()
-                    .min_by_key(|e| match e.change.stamp() {
-                        ChangeStamp::Crm(v) => (v.0, e.id),
-                        ChangeStamp::Outlook(_) => (0, e.id),
-                    })
-                    .expect("non-empty group");
-                out.push(entry(first, head.change.clone()));
+                let (stamp, r) = c.before_delete.ok_or("created then deleted without a record")?;
+                let op = ChangeOp::Create(Record { crm_id: c.crm_id, ..r.clone() });
+                let created = Change::new(key.clone(), c.object_type, stamp, op)
+                    .map_err(|e| format!("the create of {key} is not valid: {e}"))?;
+                out.push(entry(first, created));
                 out.push(entry(last, one(ChangeOp::Delete(*why))?));
             }
         }
@@ -1236,6 +1243,16 @@ proptest! {
         let again = plan(&echoes, &state.mapping, &policies).expect("no deletes");
         for a in &again.actions {
             prop_assert!(matches!(a.op, ActionOp::Drop { .. }), "an echo writes:\n{}", a);
+        }
+        // ... and a CRM echo still moves its pair to the echo's version, base unchanged: the
+        // next write to CRM is made over the version CRM holds.
+        let settled = settle_all(SyncState { queue: echoes.clone(), ..state.clone() }, &again);
+        for (i, m) in state.mapping.entries().into_iter().enumerate() {
+            let after = settled.mapping.get(m.crm_id).expect("an echo keeps its pair");
+            prop_assert_eq!(&after.base, &m.base);
+            let echoed = sides[i % sides.len()] != 1;
+            let expected = if echoed { Some(VersionNumber(m.crm_version.map_or(1, |v| v.0 + 1))) } else { m.crm_version };
+            prop_assert_eq!(after.crm_version, expected, "pair {}", m.crm_id);
         }
     }
 }

@@ -253,14 +253,14 @@ pub fn converged(w: &World) -> Result<(), Violation> {
             }
             if let Some(h) = h {
                 for f in model.fields_of(h) {
-                    if let Some(expect) = model.expect(h, &f, policy) {
-                        if !expect.admits(r.fields.get(&f)) {
+                    if let Some(expect) = model.expect(h, f, policy) {
+                        if !expect.admits(r.fields.get(f)) {
                             return fail(
                                 w,
                                 format!(
                                     "lost update: record {} field {f} is {:?}, the model expects {expect:?}",
                                     r.crm_id,
-                                    r.fields.get(&f)
+                                    r.fields.get(f)
                                 ),
                             );
                         }

@@ -90,8 +90,10 @@ pub struct Model {
     pub handles: Vec<HandleInfo>,
     by_crm_id: BTreeMap<CrmId, Handle>,
     by_item: BTreeMap<(usize, EntryId), Handle>,
-    /// (handle, field) -> place -> the latest edit made there.
-    edits: BTreeMap<(Handle, String), BTreeMap<Place, EditAt>>,
+    /// By handle: field -> every edit made, with its place, in the order made. Earlier edits at
+    /// a place are kept: when a later one is withdrawn (its copy left the filter), an earlier one
+    /// that reached CRM is what CRM rightly keeps.
+    edits: Vec<BTreeMap<String, Vec<(Place, EditAt)>>>,
     next_value: u64,
 }
 
@@ -162,8 +164,11 @@ impl Model {
                 return;
             }
         }
-        let by_place = self.edits.entry((h, field.to_owned())).or_default();
-        by_place.insert(place, EditAt { value, at, arrived: BTreeMap::new(), withdrawn: false });
+        if self.edits.len() <= h {
+            self.edits.resize_with(h + 1, BTreeMap::new);
+        }
+        let by_place = self.edits[h].entry(field.to_owned()).or_default();
+        by_place.push((place, EditAt { value, at, arrived: BTreeMap::new(), withdrawn: false }));
     }
 
     /// `h` left `user`'s filter: the user's edits that have not reached CRM stay in the
@@ -199,7 +204,7 @@ impl Model {
         self.withdraw_unsent(h, user);
         if may_delete_in_crm {
             let place = Place::Outlook(user);
-            for (_, by_place) in self.edits.range_mut((h, String::new())..(h + 1, String::new())) {
+            for by_place in self.edits_of_mut(h) {
                 for (origin, e) in by_place.iter_mut() {
                     if *origin == place || e.arrived.contains_key(&place) {
                         e.withdrawn = true;
@@ -214,28 +219,35 @@ impl Model {
     /// that had reached no Outlook copy go with the delete.
     pub fn deleted_in_crm(&mut self, h: Handle) {
         self.handles[h].unprotected = true;
-        for (_, by_place) in self.edits.range_mut((h, String::new())..(h + 1, String::new())) {
-            if let Some(e) = by_place.get_mut(&Place::Crm).filter(|e| e.arrived.is_empty()) {
+        for by_place in self.edits_of_mut(h) {
+            for (_, e) in by_place.iter_mut().filter(|(p, e)| *p == Place::Crm && e.arrived.is_empty()) {
                 e.withdrawn = true;
             }
         }
     }
 
     fn withdraw_unsent(&mut self, h: Handle, user: usize) {
-        for (_, by_place) in self.edits.range_mut((h, String::new())..(h + 1, String::new())) {
-            if let Some(e) =
-                by_place.get_mut(&Place::Outlook(user)).filter(|e| !e.arrived.contains_key(&Place::Crm))
-            {
+        for by_place in self.edits_of_mut(h) {
+            let unsent = |(p, e): &&mut (Place, EditAt)| {
+                *p == Place::Outlook(user) && !e.arrived.contains_key(&Place::Crm)
+            };
+            for (_, e) in by_place.iter_mut().filter(unsent) {
                 e.withdrawn = true;
             }
         }
+    }
+
+    fn edits_of_mut(&mut self, h: Handle) -> impl Iterator<Item = &mut Vec<(Place, EditAt)>> {
+        self.edits.get_mut(h).into_iter().flat_map(|by_field| by_field.values_mut())
     }
 
     /// Sees `value` of `field` of `h` at `place` at event `at`: the edits whose value it is have
     /// arrived there.
     pub fn observe(&mut self, h: Handle, field: &str, place: Place, value: Option<&str>, at: u64) {
         let Some(value) = value else { return };
-        let Some(by_place) = self.edits.get_mut(&(h, field.to_owned())) else { return };
+        let Some(by_place) = self.edits.get_mut(h).and_then(|by_field| by_field.get_mut(field)) else {
+            return;
+        };
         for (origin, edit) in by_place.iter_mut() {
             if *origin != place && edit.value == value {
                 edit.arrived.entry(place).or_insert(at);
@@ -243,14 +255,27 @@ impl Model {
         }
     }
 
+    /// Sees every field of `h` the model knows edits of, as `fields` holds it at `place`.
+    pub fn observe_all(&mut self, h: Handle, place: Place, fields: &crmsync::Fields, at: u64) {
+        let Some(by_field) = self.edits.get_mut(h) else { return };
+        for (field, by_place) in by_field.iter_mut() {
+            let Some(value) = fields.get(field) else { continue };
+            for (origin, edit) in by_place.iter_mut() {
+                if *origin != place && edit.value == value {
+                    edit.arrived.entry(place).or_insert(at);
+                }
+            }
+        }
+    }
+
     /// The fields of `h` the model knows edits of.
-    pub fn fields_of(&self, h: Handle) -> Vec<String> {
-        self.edits.range((h, String::new())..(h + 1, String::new())).map(|((_, f), _)| f.clone()).collect()
+    pub fn fields_of(&self, h: Handle) -> impl Iterator<Item = &str> {
+        self.edits.get(h).into_iter().flat_map(|by_field| by_field.keys().map(String::as_str))
     }
 
     /// What the final value of `field` of `h` must be under `policy`.
     pub fn expect(&self, h: Handle, field: &str, policy: FieldConflictPolicy) -> Option<Expect> {
-        let by_place = self.edits.get(&(h, field.to_owned()))?;
+        let by_place = self.edits.get(h)?.get(field)?;
         let knew = |b_place: Place, b: &EditAt, a_place: Place, a: &EditAt| {
             if a_place == b_place { a.at < b.at } else { a.arrived.get(&b_place).is_some_and(|&t| t < b.at) }
         };
@@ -261,12 +286,12 @@ impl Model {
         };
         let maximal: Vec<(Place, &EditAt)> = by_place
             .iter()
-            .filter(|(pa, a)| !a.withdrawn && !dominated(**pa, a, true))
+            .filter(|(pa, a)| !a.withdrawn && !dominated(*pa, a, true))
             .map(|(p, e)| (*p, e))
             .collect();
         let tolerated: Vec<String> = by_place
             .iter()
-            .filter(|(pa, a)| a.withdrawn && !dominated(**pa, a, true))
+            .filter(|(pa, a)| a.withdrawn && !dominated(*pa, a, true))
             .map(|(_, e)| e.value.clone())
             .collect();
         let crm = maximal.iter().find(|(p, _)| *p == Place::Crm).map(|(_, e)| e.value.clone());
@@ -325,6 +350,24 @@ mod tests {
         // Arrival after the other edit was made does not make it known to it.
         m.observe(h, "subject", Place::Outlook(0), Some("a"), 3);
         assert_eq!(m.expect(h, "subject", FieldConflictPolicy::OutlookWins), Some(Expect::Value("b".into())));
+    }
+
+    #[test]
+    fn an_earlier_edit_that_reached_crm_stands_when_the_later_one_is_withdrawn() {
+        // Seed 447: the first edit reached CRM, the second had not when the record left the
+        // user's filter; the second stays in the user's copy, CRM rightly keeps the first.
+        let mut m = Model::default();
+        let h = m.new_crm_record(id(1));
+        m.edit(h, Place::Crm, "subject", "a".into(), 1);
+        m.observe(h, "subject", Place::Outlook(0), Some("a"), 2);
+        m.edit(h, Place::Outlook(0), "subject", "b".into(), 3);
+        m.observe(h, "subject", Place::Crm, Some("b"), 4);
+        m.edit(h, Place::Outlook(0), "subject", "c".into(), 5);
+        assert_eq!(m.expect(h, "subject", FieldConflictPolicy::CrmWins), Some(Expect::Value("c".into())));
+        m.left_filter(h, 0);
+        let expect = m.expect(h, "subject", FieldConflictPolicy::CrmWins).expect("an expectation");
+        assert!(expect.admits(Some("b")), "{expect:?}");
+        assert!(!expect.admits(Some("a")), "the first CRM value was overwritten knowingly: {expect:?}");
     }
 
     #[test]

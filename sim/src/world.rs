@@ -636,10 +636,16 @@ impl World {
             }
         }
         if let Some(entry) = state.mapping.get(id) {
-            seen.push(format!("mapped to {} v{:?}", entry.entry_id, entry.crm_version));
+            seen.push(format!("mapped to {} v{:?} base {:?}", entry.entry_id, entry.crm_version, entry.base));
         }
         if let Ok(Some(e)) = self.users[u].mailbox.find_by_stamp(id) {
-            seen.push(format!("item {e} stamped"));
+            match self.users[u].mailbox.get(&e) {
+                Ok(Some(item)) => {
+                    let synced = item.synced.as_ref().map(|b| (b.crm_version, &b.fields));
+                    seen.push(format!("item {e} stamped {:?} synced {synced:?}", item.fields));
+                }
+                _ => seen.push(format!("item {e} stamped")),
+            }
         }
         if let Ok(Some(r)) = self.server.record(id) {
             seen.push(format!("server v{} {:?}", r.version.0, r.fields));
@@ -659,9 +665,7 @@ impl World {
         for r in records {
             if let Some(h) = self.model.handle_of_crm_id(r.crm_id) {
                 self.model.handles[h].seen_in_crm = true;
-                for f in self.model.fields_of(h) {
-                    self.model.observe(h, &f, Place::Crm, r.fields.get(&f), at);
-                }
+                self.model.observe_all(h, Place::Crm, &r.fields, at);
             }
         }
         for item in items {
@@ -670,9 +674,7 @@ impl World {
                 None => self.model.handle_of_item(u, &item.entry_id),
             };
             if let Some(h) = h {
-                for f in self.model.fields_of(h) {
-                    self.model.observe(h, &f, Place::Outlook(u), item.fields.get(&f), at);
-                }
+                self.model.observe_all(h, Place::Outlook(u), &item.fields, at);
             }
         }
     }

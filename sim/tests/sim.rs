@@ -30,29 +30,31 @@ fn a_seed_replays_byte_for_byte() {
 /// `cargo run --release -p crmsync-sim -- run --seed S` (`CRMSYNC_SIM_WATCH=<CrmId>` follows a
 /// record).
 const KNOWN_OPEN: &[(u64, &str)] = &[
-    (257, LOST_UPDATE),
     (433, LEFT_FILTER_THEN_DELETED),
-    (447, MODEL_LATEST_ONLY),
-    (587, LOST_UPDATE),
-    (853, LOST_UPDATE),
-    (867, LOST_UPDATE),
-    (954, LOST_UPDATE),
-    (1109, LOST_UPDATE),
-    (1155, LOST_UPDATE),
-    (1619, LOST_UPDATE),
-    (1659, LOST_UPDATE),
-    (1734, LOST_UPDATE),
-    (1831, LOST_UPDATE),
+    (867, CRASH_THEN_NEW_CACHE),
+    (1109, CRASH_THEN_NEW_CACHE),
+    (1619, TWO_COMEBACKS),
+    (1659, TWO_COMEBACKS),
+    (1734, CRASH_THEN_NEW_CACHE),
 ];
 
-/// Found when the sweep grew from 400 to 2,000 seeds (257: when the update's fields and base
-/// became one write), not all traced yet: a later edit ends overwritten by an earlier or a
-/// conflicting value the model says it knew of. The stories traced in this class are bases
-/// lagging a write whose outcome was lost (seeds 54, 238, 866: fixed). Seed 257 is one across
-/// a switch of primary: the new primary's own earlier write had lost its answer, its queue
-/// holds only the item's newest snapshot after reconciling, so nothing shows the write landed.
-/// Replay with `CRMSYNC_SIM_WATCH=<CrmId>` to see which story each is.
-const LOST_UPDATE: &str = "a later edit lost (untraced; see the fixed stories of this class)";
+/// Traced (seed 867; 1109 and 1734 end the same way): the client wrote an item's edit to CRM
+/// and was killed before its cache and mailbox committed what that write agreed (group commit
+/// batches them). Then the machine's cache was rebuilt (unlink and relink, or a switch of
+/// primary), so nothing on the client records the write: the pair's base is the item's older
+/// synced base. The item's next edit meets its own earlier value in CRM as a conflict and
+/// loses to it (`CrmWins`). Closing it needs the write's provenance to outlive the cache: a
+/// durable note on the item before the CRM write, or the server telling which item snapshot a
+/// version was written from.
+const CRASH_THEN_NEW_CACHE: &str = "a crash between a CRM write and its local commit, then a new cache";
+
+/// Traced (seeds 1619 and 1659): a meeting deleted in CRM while two attendees had edited their
+/// copies. Each one's client brings it back (update wins over delete) under the same successor
+/// id; the second create is refused ("already exists with other values"), and the comeback
+/// record, owned by the first attendee, is not in the second attendee's filter, so that edit
+/// cannot be merged into it either. DOMAIN promises "no edit is lost"; which attendees a
+/// comeback meeting has is not decided yet.
+const TWO_COMEBACKS: &str = "two attendees bring one deleted meeting back";
 
 /// Traced, not decided yet: a contact was given to another owner (it left user 3's filter),
 /// then deleted by its new owner, while user 3's machines were stale; user 3 edited the copy.
@@ -63,14 +65,6 @@ const LOST_UPDATE: &str = "a later edit lost (untraced; see the fixed stories of
 /// policy question for DOMAIN (update-vs-delete after leaving the filter), not yet settled.
 const LEFT_FILTER_THEN_DELETED: &str =
     "update-vs-delete after the record left the filter: model and engine disagree";
-
-/// Traced, a limit of the reference model: user 0 edited an item twice; the first value
-/// reached CRM, then the record was given away (it left user 0's filter) before the second
-/// was sent, so by policy the second stays in Outlook and CRM keeps the first. The model keeps
-/// only the latest edit per place, withdraws it, and no longer knows the first one, so it
-/// refuses the value CRM rightly keeps. The fix is in the model: keep each place's edits, not
-/// only the latest.
-const MODEL_LATEST_ONLY: &str = "the model forgets an earlier edit its withdrawn latest one replaced";
 
 /// Findings the sweep made and the engine (or the model) fixed, replayed by name so a
 /// regression says which story broke. The sweep runs them too.
@@ -87,6 +81,15 @@ const FIXED: &[(u64, &str)] = &[
     (315, "engine: as seed 50"),
     (238, "engine: CRM holding a value the item has since moved on from is agreed, not a conflict"),
     (502, "engine: an update of a record deleted in CRM meanwhile waits for the delete to merge"),
+    (587, "engine: an echo moves the pair and the item's base to the version CRM holds"),
+    (257, "engine: as seed 587, across a switch of primary"),
+    (954, "engine: as seed 587"),
+    (1155, "engine: as seed 587"),
+    (853, "engine: update wins over a CRM delete with the record's last CRM values"),
+    (1831, "engine: as seed 853"),
+    (447, "model: an earlier edit that reached CRM counts when a later one is withdrawn"),
+    (890, "model: as seed 447"),
+    (1046, "model: as seed 447"),
 ];
 
 #[test]

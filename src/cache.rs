@@ -155,7 +155,7 @@ impl SyncCache {
         }
         conn.pragma_update(None, "journal_mode", "WAL").map_err(sqlite)?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(sqlite)?;
-        conn.set_prepared_statement_cache_capacity(64);
+        crate::sqlite::keep_plans(&conn).map_err(sqlite)?;
         let cache = SyncCache { conn, in_group: false, reuse_loads: false, last_load: RefCell::new(None) };
         if fresh {
             cache.create_schema().map_err(sqlite)?;
@@ -168,7 +168,7 @@ impl SyncCache {
     /// A cache in memory (tests, the simulator).
     pub fn in_memory() -> Result<SyncCache, rusqlite::Error> {
         let conn = Connection::open_in_memory()?;
-        conn.set_prepared_statement_cache_capacity(64);
+        crate::sqlite::keep_plans(&conn)?;
         let cache = SyncCache { conn, in_group: false, reuse_loads: false, last_load: RefCell::new(None) };
         cache.create_schema()?;
         Ok(cache)

@@ -43,6 +43,8 @@ pub mod reports;
 pub mod server;
 pub mod settle;
 #[cfg(feature = "sqlite")]
+mod sqlite;
+#[cfg(feature = "sqlite")]
 pub mod summary;
 
 pub use change::{

@@ -524,6 +524,7 @@ impl SqliteMailbox {
 fn set_pragmas(conn: &Connection) -> rusqlite::Result<()> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
+    crate::sqlite::keep_plans(conn)?;
     conn.busy_timeout(Duration::from_millis(BUSY_TIMEOUT_MS))
 }
 

@@ -394,10 +394,6 @@ ALTER TABLE SubscriptionClients ADD COLUMN PrimaryTerm INTEGER NOT NULL DEFAULT 
 UPDATE SubscriptionClients SET PrimaryTerm = 1 WHERE IsPrimaryClient = 1;
 ";
 
-/// Prepared statements kept per connection: every statement the store runs, with one set per
-/// SyncEntry table in use (rusqlite's default of 16 made every run parse its SQL again).
-const STATEMENT_CACHE_CAPACITY: usize = 256;
-
 /// A record with its attendees, one row per record (ids are fixed-width GUIDs with no comma,
 /// so the attendee list folds into one column). Callers add `WHERE` and `ORDER BY`.
 const RECORD_SELECT: &str = "SELECT r.ObjectId, r.ObjectTypeCode, r.OwnerId, r.VersionNumber, r.Fields, \
@@ -585,7 +581,7 @@ impl ServerStore {
         }
         conn.pragma_update(None, "journal_mode", "WAL").map_err(sqlite)?;
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(sqlite)?;
-        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
+        crate::sqlite::keep_plans(&conn).map_err(sqlite)?;
         let store = ServerStore { conn, clock };
         if fresh {
             store.create_schema().map_err(sqlite)?;
@@ -607,7 +603,7 @@ impl ServerStore {
     /// A store in memory (tests, the simulator).
     pub fn in_memory(clock: Box<dyn Clock>) -> Result<ServerStore, rusqlite::Error> {
         let conn = Connection::open_in_memory()?;
-        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
+        crate::sqlite::keep_plans(&conn)?;
         let store = ServerStore { conn, clock };
         store.create_schema()?;
         Ok(store)

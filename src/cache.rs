@@ -12,6 +12,7 @@
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
@@ -100,11 +101,11 @@ pub struct SyncCache {
     in_group: bool,
     /// Whether [`SyncCache::load`] may answer from `last_load` (see [`SyncCache::reuse_loads`]).
     reuse_loads: bool,
-    /// What the last committed-state load read, with SQLite's `data_version` at the time.
-    /// Emptied by every method that writes (they all take `&mut self` and go through
-    /// [`SyncCache::writer`]), so it can only be stale if another connection wrote the file,
-    /// which `data_version` reveals.
-    last_load: RefCell<Option<(i64, SyncState)>>,
+    /// What the last committed-state load read (or a finished run left, see
+    /// [`SyncCache::remember`]), with SQLite's `data_version` at the time. Emptied by every
+    /// method that writes (they all take `&mut self` and go through [`SyncCache::writer`]), so
+    /// it can only be stale if another connection wrote the file, which `data_version` reveals.
+    last_load: RefCell<Option<(i64, Rc<SyncState>)>>,
 }
 
 impl std::fmt::Debug for SyncCache {
@@ -188,20 +189,65 @@ impl SyncCache {
     /// Reads the whole state: queue, mapping and ignored errors, each row validated. Text
     /// columns are read in place (borrowed from SQLite's row), not copied first.
     pub fn load(&self) -> Result<SyncState, CacheError> {
-        // Only a load outside any transaction reads committed state that a later rollback
-        // cannot take back; only such a load is kept or answered from what was kept.
-        let settled = self.reuse_loads && !self.in_group && self.conn.is_autocommit();
-        if !settled {
-            return self.read_state();
+        match self.kept()? {
+            Some(state) => Ok((*state).clone()),
+            None => self.read_and_keep().map(|state| (*state).clone()),
         }
-        let version: i64 = self.conn.prepare_cached("PRAGMA data_version")?.query_row([], |r| r.get(0))?;
-        if let Some((seen, state)) = &*self.last_load.borrow() {
-            if *seen == version {
-                return Ok(state.clone());
-            }
+    }
+
+    /// [`load`](SyncCache::load) without the copy: the kept state itself, shared (a reader that
+    /// only looks, such as the simulator's checks).
+    pub fn load_shared(&self) -> Result<Rc<SyncState>, CacheError> {
+        match self.kept()? {
+            Some(state) => Ok(state),
+            None => self.read_and_keep(),
         }
-        let state = self.read_state()?;
-        *self.last_load.borrow_mut() = Some((version, state.clone()));
+    }
+
+    /// Reads the state from the file, whatever is kept: what a checker compares the kept state
+    /// with, to see that what the engine holds is what the file holds.
+    pub fn load_from_file(&self) -> Result<SyncState, CacheError> {
+        self.read_state()
+    }
+
+    /// After a run that finished (everything committed), keeps its final state as the answer to
+    /// the next loads, so that they need not read the file again (with reuse on; else nothing).
+    /// The engine's state mirrors every durable step it made, so it is the file's state.
+    pub fn remember(&mut self, state: SyncState) -> Result<(), CacheError> {
+        if self.settled() {
+            let version = self.data_version()?;
+            *self.last_load.get_mut() = Some((version, Rc::new(state)));
+        }
+        Ok(())
+    }
+
+    /// Whether loads may be kept and answered from what was kept: reuse is on, and only a load
+    /// outside any transaction reads committed state that a later rollback cannot take back.
+    fn settled(&self) -> bool {
+        self.reuse_loads && !self.in_group && self.conn.is_autocommit()
+    }
+
+    fn data_version(&self) -> Result<i64, CacheError> {
+        Ok(self.conn.prepare_cached("PRAGMA data_version")?.query_row([], |r| r.get(0))?)
+    }
+
+    /// The kept state, if it may answer a load now.
+    fn kept(&self) -> Result<Option<Rc<SyncState>>, CacheError> {
+        if !self.settled() {
+            return Ok(None);
+        }
+        let version = self.data_version()?;
+        Ok(self.last_load.borrow().as_ref().filter(|(seen, _)| *seen == version).map(|(_, s)| s.clone()))
+    }
+
+    /// Reads the state, and keeps it when loads may be kept.
+    fn read_and_keep(&self) -> Result<Rc<SyncState>, CacheError> {
+        // The version before the read: a write by another connection in between then shows.
+        let version = if self.settled() { Some(self.data_version()?) } else { None };
+        let state = Rc::new(self.read_state()?);
+        if let Some(version) = version {
+            *self.last_load.borrow_mut() = Some((version, state.clone()));
+        }
         Ok(state)
     }
 

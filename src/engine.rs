@@ -429,6 +429,7 @@ fn run<S: CrmService, M: Mailbox>(
         durable(observer, DurableStep::CommitGroup)?;
     }
     cache.set_meta(APPLYING_KEY, "0")?;
+    cache.remember(state)?;
     Ok(report)
 }
 

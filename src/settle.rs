@@ -24,7 +24,8 @@ use crate::queue::{Queue, QueueEntry, QueueId, clip_error};
 pub struct SyncState {
     pub queue: Queue,
     pub mapping: Mapping,
-    /// Changes the user chose to ignore, with their error, oldest first.
+    /// Changes the user chose to ignore, with their error, oldest first: in queue order (by
+    /// `QueueId`), as the cache's `IgnoredErrors` table lists them, whatever order they failed in.
     pub ignored: Vec<IgnoredError>,
 }
 
@@ -210,7 +211,8 @@ fn fail(state: &mut SyncState, consumed: &[QueueId], error: &ItemError, ignore: 
         entry.last_error = Some(text.clone());
         if ignore {
             if let Some(entry) = state.queue.remove(*id) {
-                state.ignored.push(IgnoredError { entry, error: text.clone() });
+                let at = state.ignored.partition_point(|i| i.entry.id < entry.id);
+                state.ignored.insert(at, IgnoredError { entry, error: text.clone() });
             }
         }
     }

@@ -4,6 +4,7 @@
 //! asks the engine what it meant to do.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::rc::Rc;
 
 use crmsync::ids::{CrmId, EntryId};
 use crmsync::mailbox::{Mailbox, MailboxItem, Tracking};
@@ -31,8 +32,10 @@ fn fail<T>(w: &World, what: String) -> Result<T, Violation> {
     Err(w.violation(what))
 }
 
-fn load(w: &World, m: usize) -> Result<SyncState, Violation> {
-    let state = match w.cache(m).load() {
+/// The cache's state as the engine left it (shared: a finished run's state is kept by the
+/// cache, so the checks after every run need not read the file again).
+fn load(w: &World, m: usize) -> Result<Rc<SyncState>, Violation> {
+    let state = match w.cache(m).load_shared() {
         Ok(state) => state,
         Err(e) => return fail(w, format!("the cache of machine {m} does not load: {e}")),
     };
@@ -40,6 +43,60 @@ fn load(w: &World, m: usize) -> Result<SyncState, Violation> {
         return fail(w, format!("the mapping of machine {m} is not a bijection: {e}"));
     }
     Ok(state)
+}
+
+/// Every [`FILE_CHECK_EVERY`]th run, the state kept from a run must be what the cache's file
+/// holds: queue, mapping and ignored errors, entry by entry. A durable step that wrote other
+/// rows than the engine settled would otherwise go unseen until a crash made a run read the
+/// file.
+const FILE_CHECK_EVERY: u64 = 4;
+
+fn kept_state_is_the_files(w: &World, m: usize, kept: &SyncState) -> Result<(), Violation> {
+    if w.sync_runs() % FILE_CHECK_EVERY != 0 {
+        return Ok(());
+    }
+    let file = match w.cache(m).load_from_file() {
+        Ok(state) => state,
+        Err(e) => return fail(w, format!("the cache file of machine {m} does not load: {e}")),
+    };
+    let mut kept_mapping = kept.mapping.entries();
+    let mut file_mapping = file.mapping.entries();
+    kept_mapping.sort_by_key(|e| e.crm_id);
+    file_mapping.sort_by_key(|e| e.crm_id);
+    let differs = |what: &str, detail: String| {
+        fail(w, format!("machine {m}: the {what} the run left differs from its cache file: {detail}"))
+    };
+    let (kq, fq) = (kept.queue.entries(), file.queue.entries());
+    if kq != fq {
+        let first = kq.iter().zip(fq.iter()).find(|(a, b)| a != b);
+        return differs(
+            "queue",
+            format!("{} entries vs {} in the file; first difference {first:?}", kq.len(), fq.len()),
+        );
+    }
+    if kept_mapping != file_mapping {
+        let first = kept_mapping.iter().zip(file_mapping.iter()).find(|(a, b)| a != b);
+        return differs(
+            "mapping",
+            format!(
+                "{} pairs vs {} in the file; first difference {first:?}",
+                kept_mapping.len(),
+                file_mapping.len()
+            ),
+        );
+    }
+    if kept.ignored != file.ignored {
+        let first = kept.ignored.iter().zip(file.ignored.iter()).find(|(a, b)| a != b);
+        return differs(
+            "ignored errors",
+            format!(
+                "{} vs {} in the file; first difference {first:?}",
+                kept.ignored.len(),
+                file.ignored.len()
+            ),
+        );
+    }
+    Ok(())
 }
 
 fn items(w: &World, u: usize) -> Result<Vec<MailboxItem>, Violation> {
@@ -123,6 +180,7 @@ pub fn after_run(
     // The primary's mapping links items that carry the mapped stamp.
     // The cache must load (and be a bijection) after every run, crashed or not.
     let state = load(w, m)?;
+    kept_state_is_the_files(w, m, &state)?;
     let primary = w.server().is_primary_client(w.subscription(m)).unwrap_or(false);
     if primary && completed {
         let by_entry: BTreeMap<&EntryId, &MailboxItem> = items.iter().map(|i| (&i.entry_id, i)).collect();
@@ -160,7 +218,7 @@ fn ignored(w: &World, u: usize) -> Result<(BTreeSet<CrmId>, BTreeSet<EntryId>), 
     let mut ids = BTreeSet::new();
     let mut entries = BTreeSet::new();
     for &m in w.machines_of(u) {
-        let ignored: Vec<QueueEntry> = load(w, m)?.ignored.into_iter().map(|i| i.entry).collect();
+        let ignored: Vec<QueueEntry> = load(w, m)?.ignored.iter().map(|i| i.entry.clone()).collect();
         let (keyed_ids, keyed_entries) = keys_of(ignored.iter());
         ids.extend(keyed_ids);
         entries.extend(keyed_entries);

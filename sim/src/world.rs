@@ -921,6 +921,11 @@ impl World {
     pub(crate) fn subscription(&self, m: usize) -> SubscriptionId {
         self.machines[m].subscription
     }
+    /// How many sync runs the world has made (checks spread their costlier comparisons by it).
+    pub(crate) fn sync_runs(&self) -> u64 {
+        self.sync_runs
+    }
+
     pub(crate) fn cache(&self, m: usize) -> &SyncCache {
         &self.machines[m].cache
     }

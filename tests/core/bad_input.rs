@@ -255,6 +255,24 @@ fn a_rejected_record_stays_queued_with_its_error_and_can_be_ignored() {
 }
 
 #[test]
+fn ignored_errors_are_listed_in_queue_order_whatever_order_they_failed_in() {
+    // As the cache's IgnoredErrors table lists them: a state kept in memory after a run and
+    // the state read back from the file must agree.
+    let world = World::new()
+        .crm(1, Contact, 5, ChangeOp::Create(rec(&[("a", "1")])))
+        .crm(2, Contact, 6, ChangeOp::Create(rec(&[("a", "2")])))
+        .crm(3, Contact, 7, ChangeOp::Create(rec(&[("a", "3")])));
+    let plan = world.plan().unwrap();
+    let mut state = SyncState { queue: world.queue.clone(), mapping: world.mapping.clone(), ignored: vec![] };
+    for i in [2, 0, 1] {
+        let error = ItemError::new(ItemErrorKind::Locked, format!("locked {i}"));
+        state = settle(state, &plan.actions[i], Outcome::FailedIgnored(error));
+    }
+    let ids: Vec<QueueId> = state.ignored.iter().map(|i| i.entry.id).collect();
+    assert_eq!(ids, [QueueId(0), QueueId(1), QueueId(2)]);
+}
+
+#[test]
 fn a_success_without_the_created_item_is_kept_as_a_failure() {
     let world = World::new().crm(1, Contact, 5, ChangeOp::Create(rec(&[("a", "1")])));
     let plan = world.plan().unwrap();

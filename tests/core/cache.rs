@@ -196,6 +196,39 @@ fn a_kept_load_never_outlives_a_write_a_rollback_or_another_connection() {
 }
 
 #[test]
+fn a_remembered_run_state_answers_loads_until_the_file_changes() {
+    let dir = temp_dir("remember");
+    let path = dir.join("OutlookSyncCache.sqlite");
+    let mut cache = SyncCache::open(&path).unwrap();
+    let mut state = SyncState::default();
+    cache.enqueue(&mut state, &changes(3, 1)).unwrap();
+    // Off by default: nothing is kept, every load reads the file.
+    cache.remember(SyncState::default()).unwrap();
+    assert_eq!(cache.load().unwrap().queue.len(), 3);
+    cache.reuse_loads(true);
+    // What a finished run hands over is what loads answer (shared, without a copy) ...
+    cache.remember(state.clone()).unwrap();
+    let shared = cache.load_shared().unwrap();
+    assert!(std::rc::Rc::ptr_eq(&shared, &cache.load_shared().unwrap()));
+    assert_eq!(canonical(&shared), canonical(&state));
+    assert_eq!(canonical(&cache.load_from_file().unwrap()), canonical(&state));
+    // ... until this connection writes, or another one does.
+    cache.enqueue(&mut state, &changes(2, 2)).unwrap();
+    assert_eq!(cache.load_shared().unwrap().queue.len(), 5);
+    cache.remember(state.clone()).unwrap();
+    let mut other = SyncCache::open_existing(&path).unwrap();
+    other.enqueue(&mut SyncState::default(), &changes(1, 4)).unwrap();
+    assert_eq!(cache.load_shared().unwrap().queue.len(), 6);
+    // Never inside a group: a rollback could take its state back.
+    cache.begin().unwrap();
+    cache.remember(SyncState::default()).unwrap();
+    assert_eq!(cache.load().unwrap().queue.len(), 6);
+    cache.abandon_group().unwrap();
+    drop((cache, other));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn clear_forgets_everything_the_cache_held() {
     let mut cache = SyncCache::in_memory().unwrap();
     let mut state = SyncState::default();

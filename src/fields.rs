@@ -170,6 +170,29 @@ impl<'a> View<'a> {
 }
 
 impl Fields {
+    /// Asks for the line of the block's counts (what a clone or drop writes; an `Arc`'s counts sit
+    /// in the 16 bytes before its data).
+    #[inline(always)]
+    pub(crate) fn prefetch(&self) {
+        if let Some(block) = &self.0 {
+            crate::prefetch::line((Arc::as_ptr(block) as *const u8).wrapping_sub(16));
+        }
+    }
+
+    /// Asks for the block's counts and every line of its text (what a diff or merge reads).
+    #[inline(always)]
+    pub(crate) fn prefetch_all(&self) {
+        if let Some(block) = &self.0 {
+            let start = Arc::as_ptr(block) as *const u8;
+            crate::prefetch::line(start.wrapping_sub(16));
+            let mut offset = 64;
+            while offset < block.len() + 16 {
+                crate::prefetch::line(start.wrapping_sub(16).wrapping_add(offset));
+                offset += 64;
+            }
+        }
+    }
+
     pub fn empty() -> Self {
         Self::default()
     }
@@ -567,6 +590,11 @@ impl FieldPatch {
             }
         }
         FieldPatch::new(to, set, from, clear)
+    }
+
+    #[inline(always)]
+    pub(crate) fn prefetch(&self) {
+        self.to.prefetch();
     }
 
     pub fn is_empty(&self) -> bool {

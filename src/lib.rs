@@ -36,6 +36,7 @@ pub mod merge;
 pub mod mutant;
 pub mod plan;
 pub mod policy;
+mod prefetch;
 pub mod queue;
 #[cfg(feature = "sqlite")]
 pub mod reports;

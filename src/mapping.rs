@@ -253,6 +253,20 @@ impl Mapping {
         }
     }
 
+    /// Prefetches slot `slot`.
+    #[inline(always)]
+    pub(crate) fn prefetch_slot(&self, slot: u32) {
+        if let Some(s) = self.slots.get(slot as usize) {
+            crate::prefetch::value(s);
+        }
+    }
+
+    /// The entry in `slot`, if any (for prefetching what settling it will touch).
+    #[inline(always)]
+    pub(crate) fn at_slot(&self, slot: u32) -> Option<&MappingEntry> {
+        self.slots.get(slot as usize)?.used()
+    }
+
     fn get_mut(&mut self, crm_id: CrmId) -> Option<&mut MappingEntry> {
         let slot = *self.by_crm.get(&crm_id)?;
         match &mut self.slots[slot as usize] {

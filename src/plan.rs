@@ -474,13 +474,30 @@ fn in_run_order(actions: Vec<Action>) -> Vec<Action> {
         run.sort_unstable_by(|a, b| actions[index(*a)].order.key.cmp(&actions[index(*b)].order.key));
     }
     // Apply the permutation in place, one cycle at a time: position j takes the action at
-    // index(keys[j]). No second vector of actions is allocated.
+    // index(keys[j]). No second vector of actions is allocated. Each step reads an action far
+    // away; the cycle is known ahead, so the actions a few steps on are asked for early.
+    const AHEAD: usize = 8;
     let mut actions = actions;
     let mut from: Vec<u32> = keys.into_iter().map(|key| index(key) as u32).collect();
     for start in 0..from.len() {
+        if from[start] as usize == start {
+            continue;
+        }
+        let mut ahead = start;
+        for _ in 0..AHEAD {
+            ahead = from[ahead] as usize;
+            crate::prefetch::value(&actions[ahead]);
+            if ahead == start {
+                break;
+            }
+        }
         let mut j = start;
         while from[j] as usize != start {
             let k = from[j] as usize;
+            if ahead != start {
+                ahead = from[ahead] as usize;
+                crate::prefetch::value(&actions[ahead]);
+            }
             actions.swap(j, k);
             from[j] = j as u32;
             j = k;
@@ -489,6 +506,11 @@ fn in_run_order(actions: Vec<Action>) -> Vec<Action> {
     }
     actions
 }
+
+/// How many records ahead `decide_all` asks for a record's queue entries and pair, and (nearer)
+/// for the field blocks they point to.
+const PREFETCH_ENTRIES: usize = 16;
+const PREFETCH_BLOCKS: usize = 8;
 
 struct Planner<'m> {
     mapping: &'m Mapping,
@@ -556,14 +578,50 @@ impl<'m> Planner<'m> {
         let Grouping { by_record, runs, mapped, items, mut joined, .. } = grouping;
         let mut actions = Vec::with_capacity(runs.len() + items.len());
         let (mut crm, mut outlook): (Vec<&QueueEntry>, Vec<&QueueEntry>) = (Vec::new(), Vec::new());
-        for (r, (run, mapped)) in runs.iter().zip(mapped).enumerate() {
+        // Deciding a record reads its queue entries, its pair, and the field blocks both point to,
+        // all last touched long ago: ask for those of the records a little ahead (first the
+        // entries and pairs, then, nearer, the blocks they point to).
+        let prefetch_entries = |r: usize| {
+            let Some(run) = runs.get(r) else { return };
+            for e in &by_record[run.start as usize..run.end as usize] {
+                crate::prefetch::value(&e.2.change);
+            }
+            if let Some(Some((_, pair))) = mapped.get(r) {
+                crate::prefetch::value(*pair);
+            }
+        };
+        let prefetch_blocks = |r: usize| {
+            let Some(run) = runs.get(r) else { return };
+            for e in &by_record[run.start as usize..run.end as usize] {
+                if let Some(record) = e.2.change.record() {
+                    record.fields.prefetch_all();
+                }
+            }
+            if let Some(Some((_, pair))) = mapped.get(r) {
+                pair.base.prefetch_all();
+                pair.entry_id.prefetch();
+                if let Some(goid) = &pair.goid {
+                    goid.prefetch();
+                }
+            }
+        };
+        for r in 0..PREFETCH_ENTRIES {
+            prefetch_entries(r);
+        }
+        for r in 0..PREFETCH_BLOCKS {
+            prefetch_blocks(r);
+        }
+        for (r, (run, mapped)) in runs.iter().zip(mapped.iter().copied()).enumerate() {
+            prefetch_entries(r + PREFETCH_ENTRIES);
+            prefetch_blocks(r + PREFETCH_BLOCKS);
             let entries = |from: u32, to: u32| by_record[from as usize..to as usize].iter().map(|e| e.2);
             crm.clear();
             crm.extend(entries(run.start, run.outlook));
             outlook.clear();
             outlook.extend(entries(run.outlook, run.end));
             let mut group = Group::new(&crm, &outlook, mapped);
-            if let Some((net, mut consumed)) = joined.remove(&r) {
+            let joined_side = if joined.is_empty() { None } else { joined.remove(&r) };
+            if let Some((net, mut consumed)) = joined_side {
                 group.outlook = Some(net);
                 group.consumed.append(&mut consumed);
                 group.consumed.sort_unstable();

@@ -280,6 +280,14 @@ impl Queue {
         self.ids.binary_search(&id).ok()
     }
 
+    /// Prefetches the slot of `id`.
+    #[inline(always)]
+    pub(crate) fn prefetch(&self, id: QueueId) {
+        if let Some(i) = self.slot(id) {
+            crate::prefetch::value(&self.slots[i]);
+        }
+    }
+
     pub fn get(&self, id: QueueId) -> Option<&QueueEntry> {
         self.slots[self.slot(id)?].as_ref()
     }

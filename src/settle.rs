@@ -14,6 +14,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::change::RecordKey;
 use crate::ids::{CrmId, EntryId, VersionNumber};
 use crate::mapping::{Mapping, MappingEntry};
 use crate::plan::{Action, ActionOp, LinkChange, PendingLink, Plan, SlotHint};
@@ -105,7 +106,19 @@ pub fn settle_all(
     plan: Plan,
     mut outcome_of: impl FnMut(&Action) -> Outcome,
 ) -> SyncState {
-    for action in plan.actions {
+    let mut actions = plan.actions.into_iter();
+    loop {
+        // Settling an action writes the counts of shared blocks (a queue entry's fields, the pair's
+        // old base, the ids) that were last touched long ago; each such write waits for its line,
+        // one at a time. Asking for the lines of the actions a little ahead overlaps those waits.
+        let ahead = actions.as_slice();
+        if let Some(next) = ahead.get(PREFETCH_SLOTS) {
+            prefetch_slots(&state, next);
+        }
+        if let Some(next) = ahead.get(PREFETCH_BLOCKS) {
+            prefetch_blocks(&state, next);
+        }
+        let Some(action) = actions.next() else { break };
         let outcome = outcome_of(&action);
         let Action { op, link, consumed, slot, .. } = action;
         settle_in_place(&mut state, &op, Link::Owned(link), &consumed, slot, outcome);
@@ -114,6 +127,53 @@ pub fn settle_all(
     // later id would then be found by bisection instead of at its offset.
     state.queue.sweep_if_sparse();
     state
+}
+
+/// How many actions ahead `settle_all` asks for an action's queue slots, mapping slot and the
+/// blocks its op holds, and then (nearer) for the blocks those slots point to.
+const PREFETCH_SLOTS: usize = 16;
+const PREFETCH_BLOCKS: usize = 8;
+
+/// The slots settling `action` reads and writes, and the counts of the blocks its op drops.
+fn prefetch_slots(state: &SyncState, action: &Action) {
+    for id in action.consumed.iter() {
+        state.queue.prefetch(*id);
+    }
+    if let Some(slot) = action.slot.0 {
+        state.mapping.prefetch_slot(slot);
+    }
+    match &action.op {
+        ActionOp::Update { entry_id, to_crm, to_outlook, .. } => {
+            entry_id.prefetch();
+            to_crm.prefetch();
+            to_outlook.prefetch();
+        }
+        ActionOp::CreateInOutlook { fields, .. } => fields.prefetch(),
+        ActionOp::CreateInCrm { entry_id, fields, .. } => {
+            entry_id.prefetch();
+            fields.prefetch();
+        }
+        _ => {}
+    }
+}
+
+/// The counts of the blocks the slots of `action` hold (read from the slots `prefetch_slots` asked
+/// for earlier): the queued changes' fields and keys, the pair's base and item.
+fn prefetch_blocks(state: &SyncState, action: &Action) {
+    for id in action.consumed.iter() {
+        if let Some(entry) = state.queue.get(*id) {
+            if let Some(record) = entry.change.record() {
+                record.fields.prefetch();
+            }
+            if let RecordKey::Outlook(key) = entry.change.key() {
+                key.prefetch();
+            }
+        }
+    }
+    if let Some(pair) = action.slot.0.and_then(|slot| state.mapping.at_slot(slot)) {
+        pair.base.prefetch();
+        pair.entry_id.prefetch();
+    }
 }
 
 /// An action's link, borrowed from an action that stays (`settle`) or moved out of a consumed plan

@@ -94,8 +94,8 @@ pub struct Model {
     /// a place are kept: when a later one is withdrawn (its copy left the filter), an earlier one
     /// that reached CRM is what CRM rightly keeps.
     edits: Vec<BTreeMap<String, Vec<(Place, EditAt)>>>,
-    /// A fingerprint of the fields last seen of a handle at a place (looked up, never iterated).
-    last_seen: std::collections::HashMap<(Handle, Place), u64>,
+    /// The fields last seen of a handle at a place (looked up, never iterated).
+    last_seen: std::collections::HashMap<(Handle, Place), crmsync::Fields>,
     next_value: u64,
 }
 
@@ -262,14 +262,14 @@ impl Model {
     /// Fields seen unchanged at a place since the last look are skipped: an edit's value is
     /// unique, so a value that arrives changes the fields where it arrives.
     pub fn observe_all(&mut self, h: Handle, place: Place, fields: &crmsync::Fields, at: u64) {
-        use std::hash::{Hash, Hasher};
         let Some(by_field) = self.edits.get_mut(h) else { return };
-        // A fixed-key hasher: the same fields hash alike on every run of a seed.
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        fields.hash(&mut hasher);
-        let print = hasher.finish();
-        if self.last_seen.insert((h, place), print) == Some(print) {
-            return;
+        // Mostly the very same shared field set as last time: equal by pointer, no compare.
+        match self.last_seen.get_mut(&(h, place)) {
+            Some(last) if last == fields => return,
+            Some(last) => *last = fields.clone(),
+            None => {
+                self.last_seen.insert((h, place), fields.clone());
+            }
         }
         for (field, by_place) in by_field.iter_mut() {
             let Some(value) = fields.get(field) else { continue };

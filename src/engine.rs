@@ -393,12 +393,16 @@ fn run<S: CrmService, M: Mailbox>(
         match &outcome {
             // Nothing was written: queue the record as it is now, so the next run merges it
             // (the server notes it as held, so it is not handed out again behind it).
-            Outcome::Failed(e) if e.kind == ItemErrorKind::ChangedSince => {
-                if let ActionOp::Update { crm_id, .. } = &action.op {
+            Outcome::Failed(e) if e.kind == ItemErrorKind::ChangedSince => match (&action.op, &action.link) {
+                (ActionOp::Update { crm_id, .. }, _) => {
                     let now = server.fetch_record(subscription, *crm_id)?;
                     cache.enqueue(&mut state, &now.into_iter().collect::<Vec<_>>())?;
                 }
-            }
+                (ActionOp::CreateInCrm { crm_id, entry_id, .. }, LinkChange::Replace { remove, .. }) => {
+                    join_comeback(server, cache, &mut state, subscription, *remove, *crm_id, entry_id)?;
+                }
+                _ => {}
+            },
             // A failed action may have written to CRM before failing.
             Outcome::Failed(_) | Outcome::FailedIgnored(_) => note_uncertain_write(cache, action)?,
             Outcome::Applied(_) => {}
@@ -573,6 +577,30 @@ fn reconcile<S: CrmService, M: Mailbox>(
     cache.enqueue(state, &fetched)?;
     cache.set_meta(PRIMARY_TERM_KEY, &term.to_string())?;
     cache.commit()?;
+    Ok(())
+}
+
+/// A meeting deleted in CRM came back as `successor` from another attendee's client first
+/// (`ServerError::MeetingJoined`: the server made this user an attendee of it). This item joins
+/// it: the pair moves to the successor keeping the old pair's base (the last both sides agreed
+/// on), and the successor is queued as it is now; the item's queued edit stays, so the next run
+/// merges the two like edits on both sides, and neither attendee's edit is lost (found by
+/// crmsync-sim, seeds 1619 and 1659).
+fn join_comeback<S: CrmService>(
+    server: &mut S,
+    cache: &mut SyncCache,
+    state: &mut SyncState,
+    subscription: SubscriptionId,
+    old: CrmId,
+    successor: CrmId,
+    entry_id: &EntryId,
+) -> Result<(), EngineError> {
+    let Some(pair) = state.mapping.get(old).cloned() else { return Ok(()) };
+    let now = server.fetch_record(subscription, successor)?;
+    cache.forget_links(state, &[old])?;
+    let joined = MappingEntry { crm_id: successor, entry_id: entry_id.clone(), crm_version: None, ..pair };
+    cache.restore_links(state, vec![joined])?;
+    cache.enqueue(state, &now.into_iter().collect::<Vec<_>>())?;
     Ok(())
 }
 
@@ -929,7 +957,8 @@ impl From<ServerError> for Failure {
             ServerError::Sqlite(_) | ServerError::Corrupt { .. } | ServerError::Unreachable(_) => {
                 Failure::Fatal(error.into())
             }
-            ServerError::ChangedSince { .. } => {
+            // Nothing written; the record as it is now is queued and merged on the next run.
+            ServerError::ChangedSince { .. } | ServerError::MeetingJoined { .. } => {
                 Failure::Item(ItemError::new(ItemErrorKind::ChangedSince, error.to_string()))
             }
             other => Failure::Item(ItemError::new(ItemErrorKind::Rejected, other.to_string())),

@@ -177,6 +177,11 @@ pub enum ServerError {
     RecordDeleted(CrmId),
     #[error("record {crm_id} already exists with other values; a retried create must repeat them")]
     CreateConflict { crm_id: CrmId },
+    /// A create of a meeting that another user's client already created under this id (both
+    /// brought back one meeting deleted in CRM). Nothing was created; the creating user is now
+    /// an attendee, so the meeting is in their filter and their edit can be merged into it.
+    #[error("meeting {crm_id} was already created by another attendee (at v{version}); joined it")]
+    MeetingJoined { crm_id: CrmId, version: VersionNumber },
     #[error("page size {0} is not within 1..={PAGE_SIZE_MAX}")]
     PageSize(usize),
     #[error("{table}.{column} holds {value:?}, which is not valid")]
@@ -249,7 +254,8 @@ pub trait CrmService {
     /// Creates a record with the client-chosen id, owned by the subscription's user, and notes
     /// that this subscription's client holds it. A retry with the same values is a success
     /// (returns the record's version); a retry with other values updates the record if no one
-    /// changed it since this client's create, else it is a `CreateConflict`.
+    /// changed it since this client's create, else it is a `CreateConflict`. A meeting (same
+    /// type and GOID) another user created under this id is joined instead: `MeetingJoined`.
     fn create_record(
         &mut self,
         subscription: SubscriptionId,
@@ -1250,10 +1256,27 @@ impl CrmService for ServerStore {
                 // Untouched since this client's own create: a retry carrying the item's newer
                 // values (the user edited it while the answer was lost) is that client's update.
                 let untouched = held == Some(existing.version.0 as i64);
-                if same_record && existing.fields == record.fields {
+                let another_attendee = same_record
+                    && object_type.is_calendar()
+                    && existing.goid.is_some()
+                    && existing.owner != user
+                    && held.is_none();
+                if same_record && existing.fields == record.fields && !another_attendee {
                     existing.version
                 } else if same_record && untouched {
                     self.write(&ServerRecord { fields: record.fields.clone(), ..existing })?
+                } else if another_attendee {
+                    // Nothing of this client's values is written: its edit is merged into the
+                    // meeting as it is (the client queues it and merges on its next run).
+                    let version = if existing.attendees.contains(&user) {
+                        existing.version
+                    } else {
+                        let mut attendees = existing.attendees.clone();
+                        attendees.push(user);
+                        self.write(&ServerRecord { attendees, ..existing })?
+                    };
+                    tx.commit()?;
+                    return Err(ServerError::MeetingJoined { crm_id, version });
                 } else {
                     return Err(ServerError::CreateConflict { crm_id });
                 }

@@ -217,12 +217,19 @@ impl Model {
     }
 
     /// `h` was deleted in CRM. If an Outlook update wins over the delete, the record comes back
-    /// as that copy holds it (DOMAIN: "the deleted side gets the record back"), so CRM edits
-    /// that had reached no Outlook copy go with the delete.
+    /// as that copy holds it (DOMAIN: "the deleted side gets the record back"), and CRM hands a
+    /// deleted record out as a delete only, so a copy that had not received a value CRM held
+    /// cannot bring it back. Like an owner's delete in Outlook, the delete overrides every value
+    /// its author saw: each edit CRM held (made there, or arrived there) is no longer required,
+    /// only tolerated. A copy's own edits that had not reached CRM stay required (seed 1659:
+    /// the organiser's edit reached CRM and the organiser then deleted the meeting there; an
+    /// attendee who never received that edit brought the meeting back without it).
     pub fn deleted_in_crm(&mut self, h: Handle) {
         self.handles[h].unprotected = true;
         for by_place in self.edits_of_mut(h) {
-            for (_, e) in by_place.iter_mut().filter(|(p, e)| *p == Place::Crm && e.arrived.is_empty()) {
+            let held_in_crm =
+                |(p, e): &&mut (Place, EditAt)| *p == Place::Crm || e.arrived.contains_key(&Place::Crm);
+            for (_, e) in by_place.iter_mut().filter(held_in_crm) {
                 e.withdrawn = true;
             }
         }

@@ -29,14 +29,8 @@ fn a_seed_replays_byte_for_byte() {
 /// 54 changed their runs, until the conditional CRM write fixed them). Replay one with
 /// `cargo run --release -p crmsync-sim -- run --seed S` (`CRMSYNC_SIM_WATCH=<CrmId>` follows a
 /// record).
-const KNOWN_OPEN: &[(u64, &str)] = &[
-    (433, LEFT_FILTER_THEN_DELETED),
-    (867, CRASH_THEN_NEW_CACHE),
-    (1109, CRASH_THEN_NEW_CACHE),
-    (1619, TWO_COMEBACKS),
-    (1659, TWO_COMEBACKS),
-    (1734, CRASH_THEN_NEW_CACHE),
-];
+const KNOWN_OPEN: &[(u64, &str)] =
+    &[(867, CRASH_THEN_NEW_CACHE), (1109, CRASH_THEN_NEW_CACHE), (1734, CRASH_THEN_NEW_CACHE)];
 
 /// Traced (seed 867; 1109 and 1734 end the same way): the client wrote an item's edit to CRM
 /// and was killed before its cache and mailbox committed what that write agreed (group commit
@@ -47,24 +41,6 @@ const KNOWN_OPEN: &[(u64, &str)] = &[
 /// durable note on the item before the CRM write, or the server telling which item snapshot a
 /// version was written from.
 const CRASH_THEN_NEW_CACHE: &str = "a crash between a CRM write and its local commit, then a new cache";
-
-/// Traced (seeds 1619 and 1659): a meeting deleted in CRM while two attendees had edited their
-/// copies. Each one's client brings it back (update wins over delete) under the same successor
-/// id; the second create is refused ("already exists with other values"), and the comeback
-/// record, owned by the first attendee, is not in the second attendee's filter, so that edit
-/// cannot be merged into it either. DOMAIN promises "no edit is lost"; which attendees a
-/// comeback meeting has is not decided yet.
-const TWO_COMEBACKS: &str = "two attendees bring one deleted meeting back";
-
-/// Traced, not decided yet: a contact was given to another owner (it left user 3's filter),
-/// then deleted by its new owner, while user 3's machines were stale; user 3 edited the copy.
-/// The machine that becomes primary only learns "deleted" (`fetch_record` answers with the
-/// tombstone), so the update wins over the delete and the record comes back, from the copy,
-/// with the edit. The model holds that an edit of a copy whose record left the filter stays in
-/// that copy, and expects the comeback to carry the record's earlier value. Which is right is a
-/// policy question for DOMAIN (update-vs-delete after leaving the filter), not yet settled.
-const LEFT_FILTER_THEN_DELETED: &str =
-    "update-vs-delete after the record left the filter: model and engine disagree";
 
 /// Findings the sweep made and the engine (or the model) fixed, replayed by name so a
 /// regression says which story broke. The sweep runs them too.
@@ -90,6 +66,9 @@ const FIXED: &[(u64, &str)] = &[
     (447, "model: an earlier edit that reached CRM counts when a later one is withdrawn"),
     (890, "model: as seed 447"),
     (1046, "model: as seed 447"),
+    (1619, "engine: a second attendee bringing back a deleted meeting joins the first's comeback"),
+    (1659, "model: a CRM delete overrides the values its author saw; the comeback lacks them"),
+    (433, "model: as seed 1659 (left the filter, then deleted: the comeback carries the edit)"),
 ];
 
 #[test]

@@ -416,6 +416,39 @@ fn an_echo_moves_the_items_base_to_the_version_crm_holds() {
     assert_converged(&world, &laptop);
 }
 
+#[test]
+fn two_attendees_bringing_back_one_deleted_meeting_keep_both_edits() {
+    // The organiser's and an attendee's clients both hold the meeting; each user edits another
+    // field of their copy; the meeting is deleted in CRM. Each client's edit wins over the
+    // delete and brings it back under the same successor id: the first creates it, the second
+    // joins it (the server makes that user an attendee) and merges its edit on the next run.
+    let mut world = World::new();
+    let mut organiser = world.machine(0, "ORGANISER", "AA");
+    let mut attendee = world.machine(1, "ATTENDEE", "BB");
+    let base = [("location", "Room 1"), ("subject", "Review")];
+    world.put(1, 0, Appointment, &base, &[1]);
+    world.sync(&mut organiser, &EngineConfig::default());
+    world.sync(&mut attendee, &EngineConfig::default());
+    let mine = organiser.mailbox.find_by_stamp(id(1)).unwrap().unwrap();
+    let theirs = attendee.mailbox.find_by_stamp(id(1)).unwrap().unwrap();
+    organiser.mailbox.user_update(&mine, f(&[("location", "Room 1"), ("subject", "Review v2")])).unwrap();
+    attendee.mailbox.user_update(&theirs, f(&[("location", "Room 9"), ("subject", "Review")])).unwrap();
+    world.server.delete_record(id(1)).unwrap();
+    world.sync(&mut organiser, &EngineConfig::default());
+    let joined = world.sync(&mut attendee, &EngineConfig::default());
+    assert_eq!(joined.by_entity[&Appointment].failed, 1, "the join waits for a merge: {joined:?}");
+    world.sync(&mut attendee, &EngineConfig::default());
+    world.sync(&mut organiser, &EngineConfig::default());
+    let back = world.server.record(id(1).successor()).unwrap().expect("the meeting is back");
+    let both = f(&[("location", "Room 9"), ("subject", "Review v2")]);
+    assert_eq!(back.fields, both);
+    assert!(back.attendees.contains(&user(1)), "the joining user attends: {:?}", back.attendees);
+    assert_eq!(attendee.mailbox.get(&theirs).unwrap().unwrap().fields, both);
+    assert_eq!(organiser.mailbox.get(&mine).unwrap().unwrap().fields, both);
+    assert_converged(&world, &attendee);
+    assert_converged(&world, &organiser);
+}
+
 /// Stops the run once the mailbox's changes are queued, before anything is applied.
 struct KillAfterQueueingOutlook;
 

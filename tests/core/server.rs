@@ -322,6 +322,39 @@ fn client_creates_are_idempotent_and_ids_are_never_reused() {
 }
 
 #[test]
+fn a_second_attendee_creating_the_same_meeting_joins_it() {
+    // Two attendees' clients bring back one deleted meeting under the same successor id: the
+    // first creates it; the second's create writes none of its values, makes that user an
+    // attendee (so the meeting is in their filter) and says so.
+    let mut store = store();
+    let first = store.register_client(user(0), "A", SubscriptionType::Outlook).unwrap();
+    let second = store.register_client(user(1), "B", SubscriptionType::Outlook).unwrap();
+    let meeting = |subject| Record { goid: Some(goid(7)), ..Record::new(f(&[("subject", subject)])) };
+    let v = store.create_record(first, id(7), Appointment, &meeting("Review")).unwrap();
+    match store.create_record(second, id(7), Appointment, &meeting("Review!")) {
+        Err(ServerError::MeetingJoined { crm_id, version }) => {
+            assert_eq!(crm_id, id(7));
+            assert!(version > v, "adding the attendee is a change");
+        }
+        other => panic!("expected MeetingJoined, got {other:?}"),
+    }
+    let now = store.record(id(7)).unwrap().unwrap();
+    assert_eq!((now.owner, now.fields.get("subject")), (user(0), Some("Review")));
+    assert_eq!(now.attendees, [user(1)]);
+    assert!(now.is_in_filter_of(user(1)));
+    // Joining again adds nothing; a contact (no meeting to join) is still a conflict.
+    assert!(matches!(
+        store.create_record(second, id(7), Appointment, &meeting("Review!")),
+        Err(ServerError::MeetingJoined { version, .. }) if version == now.version
+    ));
+    store.create_record(first, id(8), Contact, &Record::new(f(&[("fullname", "Alice")]))).unwrap();
+    assert!(matches!(
+        store.create_record(second, id(8), Contact, &Record::new(f(&[("fullname", "Bob")]))),
+        Err(ServerError::CreateConflict { .. })
+    ));
+}
+
+#[test]
 fn bad_arguments_are_typed_errors() {
     let mut store = store();
     let stranger = SystemUserId::new(Uuid::from_u128(0xdead)).unwrap();

@@ -91,6 +91,17 @@ impl World {
     }
 }
 
+/// A world with one contact (record 1, owned by user 0) synced to one laptop, and the laptop's
+/// item of it.
+fn one_synced_contact(fields: &[(&str, &str)]) -> (World, Machine, EntryId) {
+    let mut world = World::new();
+    let mut laptop = world.machine(0, "LAPTOP", "AA");
+    world.put(1, 0, Contact, fields, &[]);
+    world.sync(&mut laptop, &EngineConfig::default());
+    let item = laptop.mailbox.find_by_stamp(id(1)).unwrap().unwrap();
+    (world, laptop, item)
+}
+
 /// Every linked pair agrees field by field, and the mapping links exactly the stamped items.
 fn assert_converged(world: &World, m: &Machine) {
     let state = m.cache.load().unwrap();
@@ -345,11 +356,7 @@ fn a_crm_edit_made_while_a_run_writes_is_merged_not_overwritten() {
 #[test]
 fn an_edit_of_a_record_deleted_in_crm_meanwhile_brings_it_back() {
     // DOMAIN: update against delete, the update wins by default and CRM gets the record back.
-    let mut world = World::new();
-    let mut laptop = world.machine(0, "LAPTOP", "AA");
-    world.put(1, 0, Contact, &[("fullname", "Alice")], &[]);
-    world.sync(&mut laptop, &EngineConfig::default());
-    let item = laptop.mailbox.find_by_stamp(id(1)).unwrap().unwrap();
+    let (mut world, mut laptop, item) = one_synced_contact(&[("fullname", "Alice")]);
     laptop.mailbox.user_update(&item, f(&[("fullname", "Alice B")])).unwrap();
     let config = EngineConfig { ignore_all_errors: true, ..EngineConfig::default() };
     let mut racing = EditedMeanwhile { inner: &mut world.server, edit: Some((id(1), Meanwhile::Delete)) };
@@ -372,11 +379,7 @@ fn a_record_brought_back_by_an_edit_keeps_its_last_crm_values() {
     // CRM edits one field, the client queues that edit and stops before applying it, then CRM
     // deletes the record; the item's edit of another field wins over the delete. The record
     // comes back with both edits, and the item takes the CRM edit it never received.
-    let mut world = World::new();
-    let mut laptop = world.machine(0, "LAPTOP", "AA");
-    world.put(1, 0, Contact, &[("fullname", "Alice"), ("jobtitle", "Dev")], &[]);
-    world.sync(&mut laptop, &EngineConfig::default());
-    let item = laptop.mailbox.find_by_stamp(id(1)).unwrap().unwrap();
+    let (mut world, mut laptop, item) = one_synced_contact(&[("fullname", "Alice"), ("jobtitle", "Dev")]);
     let alice = f(&[("fullname", "Alice"), ("jobtitle", "Dev")]);
     let lead = f(&[("fullname", "Alice"), ("jobtitle", "Lead")]);
     world.server.update_record(id(1), &FieldPatch::between(&alice, &lead)).unwrap();
@@ -398,11 +401,7 @@ fn an_echo_moves_the_items_base_to_the_version_crm_holds() {
     // pair's base takes it) and drops that change as an echo. The pair and the item's copy of
     // the base still move to the version CRM holds, so the next write is made over it and a
     // machine that reads the item's base later (a new primary) merges against the right one.
-    let mut world = World::new();
-    let mut laptop = world.machine(0, "LAPTOP", "AA");
-    world.put(1, 0, Contact, &[("fullname", "Alice")], &[]);
-    world.sync(&mut laptop, &EngineConfig::default());
-    let item = laptop.mailbox.find_by_stamp(id(1)).unwrap().unwrap();
+    let (mut world, mut laptop, item) = one_synced_contact(&[("fullname", "Alice")]);
     laptop.mailbox.user_update(&item, f(&[("fullname", "Alice B")])).unwrap();
     let mut lossy = EditedMeanwhile { inner: &mut world.server, edit: Some((id(1), Meanwhile::LoseAnswer)) };
     assert!(laptop.run(&mut lossy, &mut NoObserver, &EngineConfig::default()).is_err());
@@ -462,11 +461,7 @@ impl StepObserver for KillAfterQueueingOutlook {
 fn crm_holding_a_value_the_item_has_since_moved_on_from_is_no_conflict() {
     // What a write whose outcome was lost leaves behind: CRM holds the item's earlier value,
     // the pair's base predates it, and the item's earlier and newer snapshots are both queued.
-    let mut world = World::new();
-    let mut laptop = world.machine(0, "LAPTOP", "AA");
-    world.put(1, 0, Contact, &[("fullname", "Alice"), ("jobtitle", "Dev")], &[]);
-    world.sync(&mut laptop, &EngineConfig::default());
-    let item = laptop.mailbox.find_by_stamp(id(1)).unwrap().unwrap();
+    let (mut world, mut laptop, item) = one_synced_contact(&[("fullname", "Alice"), ("jobtitle", "Dev")]);
     laptop.mailbox.user_update(&item, f(&[("fullname", "Alice B"), ("jobtitle", "Dev")])).unwrap();
     assert!(laptop.run(&mut world.server, &mut KillAfterQueueingOutlook, &EngineConfig::default()).is_err());
     let alice = f(&[("fullname", "Alice"), ("jobtitle", "Dev")]);

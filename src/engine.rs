@@ -332,6 +332,7 @@ fn run<S: CrmService, M: Mailbox>(
             links_kept_on_items(&state, page.changes.iter().filter_map(|c| c.item.as_ref()), &fetched);
         cache.begin()?;
         cache.restore_links(&mut state, restored)?;
+        uncertain_writes_kept_on_items(cache, page.changes.iter().filter_map(|c| c.item.as_ref()))?;
         cache.enqueue(&mut state, &fetched)?;
         cache.enqueue(&mut state, &changes)?;
         cache.set_meta(MAILBOX_CURSOR_KEY, &page.cursor.0.to_string())?;
@@ -381,7 +382,7 @@ fn run<S: CrmService, M: Mailbox>(
         let outcome = match apply(action, server, mailbox, subscription, config) {
             Err(EngineError::Server(ServerError::Unreachable(why))) => {
                 cache.abandon_group()?;
-                note_uncertain_write(cache, action)?;
+                note_uncertain_write(cache, mailbox, action)?;
                 return Err(EngineError::Server(ServerError::Unreachable(why)));
             }
             other => other?,
@@ -404,7 +405,7 @@ fn run<S: CrmService, M: Mailbox>(
                 _ => {}
             },
             // A failed action may have written to CRM before failing.
-            Outcome::Failed(_) | Outcome::FailedIgnored(_) => note_uncertain_write(cache, action)?,
+            Outcome::Failed(_) | Outcome::FailedIgnored(_) => note_uncertain_write(cache, mailbox, action)?,
             Outcome::Applied(_) => {}
         }
         durable(observer, DurableStep::ApplyAction)?;
@@ -566,6 +567,7 @@ fn reconcile<S: CrmService, M: Mailbox>(
     let held: std::collections::BTreeSet<CrmId> = state.mapping.iter_unordered().map(|m| m.crm_id).collect();
     let restored = links_kept_on_items(state, items.iter(), &[]);
     cache.restore_links(state, restored)?;
+    uncertain_writes_kept_on_items(cache, items.iter())?;
     let mut fetched = Vec::new();
     let mut asked = std::collections::BTreeSet::new();
     for item in &items {
@@ -608,13 +610,45 @@ fn join_comeback<S: CrmService>(
 /// or may not have landed: what it set is noted so the next run can tell from CRM's next
 /// change. Without it, a later edit of the item would be merged against a base that lags the
 /// write, and lose a conflict with the client's own earlier value (found by crmsync-sim).
-fn note_uncertain_write(cache: &mut SyncCache, action: &Action) -> Result<(), EngineError> {
-    let ActionOp::Update { crm_id, to_crm, .. } = &action.op else { return Ok(()) };
+///
+/// The note is kept twice: in the cache, and on the item's base (best effort: a locked item
+/// keeps only the cache's), because a cache rebuilt since (an unlink and relink, another
+/// primary) has lost its own (found by crmsync-sim, seed 867).
+fn note_uncertain_write<M: Mailbox>(
+    cache: &mut SyncCache,
+    mailbox: &mut M,
+    action: &Action,
+) -> Result<(), EngineError> {
+    let ActionOp::Update { crm_id, entry_id, to_crm, .. } = &action.op else { return Ok(()) };
     if to_crm.is_empty() {
         return Ok(());
     }
     let Ok(text) = serde_json::to_string(to_crm) else { return Ok(()) };
     cache.set_meta(&format!("{UNCERTAIN_WRITE_PREFIX}{crm_id}"), &text)?;
+    if let Ok(Some(item)) = mailbox.get(entry_id) {
+        if let (Some(stamp), Some(base)) = (item.stamp().filter(|s| s == crm_id), item.synced) {
+            let noted = SyncBase { pending: Some(to_crm.clone()), ..base };
+            let _ = mailbox.link(entry_id, stamp, noted);
+        }
+    }
+    Ok(())
+}
+
+/// The uncertain writes the items keep (see [`note_uncertain_write`]), noted again in the cache
+/// so [`resolve_uncertain_writes`] decides them: what a rebuilt cache needs before merging.
+fn uncertain_writes_kept_on_items<'i>(
+    cache: &mut SyncCache,
+    items: impl Iterator<Item = &'i MailboxItem>,
+) -> Result<(), EngineError> {
+    for item in items {
+        let (Some(crm_id), Some(patch)) =
+            (item.stamp(), item.synced.as_ref().and_then(|b| b.pending.as_ref()))
+        else {
+            continue;
+        };
+        let Ok(text) = serde_json::to_string(patch) else { continue };
+        cache.set_meta(&format!("{UNCERTAIN_WRITE_PREFIX}{crm_id}"), &text)?;
+    }
     Ok(())
 }
 
@@ -1016,6 +1050,7 @@ fn create_in_outlook<M: Mailbox>(
                 fields: fields.clone(),
                 crm_version: None,
                 role: Role::Owner,
+                pending: None,
             });
             mailbox.create(NewItem {
                 object_type: action.object_type,
@@ -1037,6 +1072,7 @@ fn synced_base(action: &Action, version: Option<crate::ids::VersionNumber>) -> O
         fields: p.base.clone(),
         crm_version: p.crm_version.max(version),
         role: p.role,
+        pending: None,
     })
 }
 

@@ -105,6 +105,11 @@ pub struct SyncBase {
     pub fields: Fields,
     pub crm_version: Option<VersionNumber>,
     pub role: Role,
+    /// A write of this patch to CRM whose outcome is unknown (its answer was lost, or the run
+    /// stopped right after it). Kept with the item, so a cache rebuilt later (an unlink and
+    /// relink, another primary) can still tell from CRM's next change that it landed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<FieldPatch>,
 }
 
 /// One Outlook item.

@@ -29,18 +29,7 @@ fn a_seed_replays_byte_for_byte() {
 /// 54 changed their runs, until the conditional CRM write fixed them). Replay one with
 /// `cargo run --release -p crmsync-sim -- run --seed S` (`CRMSYNC_SIM_WATCH=<CrmId>` follows a
 /// record).
-const KNOWN_OPEN: &[(u64, &str)] =
-    &[(867, CRASH_THEN_NEW_CACHE), (1109, CRASH_THEN_NEW_CACHE), (1734, CRASH_THEN_NEW_CACHE)];
-
-/// Traced (seed 867; 1109 and 1734 end the same way): the client wrote an item's edit to CRM
-/// and was killed before its cache and mailbox committed what that write agreed (group commit
-/// batches them). Then the machine's cache was rebuilt (unlink and relink, or a switch of
-/// primary), so nothing on the client records the write: the pair's base is the item's older
-/// synced base. The item's next edit meets its own earlier value in CRM as a conflict and
-/// loses to it (`CrmWins`). Closing it needs the write's provenance to outlive the cache: a
-/// durable note on the item before the CRM write, or the server telling which item snapshot a
-/// version was written from.
-const CRASH_THEN_NEW_CACHE: &str = "a crash between a CRM write and its local commit, then a new cache";
+const KNOWN_OPEN: &[(u64, &str)] = &[];
 
 /// Findings the sweep made and the engine (or the model) fixed, replayed by name so a
 /// regression says which story broke. The sweep runs them too.
@@ -69,6 +58,9 @@ const FIXED: &[(u64, &str)] = &[
     (1619, "engine: a second attendee bringing back a deleted meeting joins the first's comeback"),
     (1659, "model: a CRM delete overrides the values its author saw; the comeback lacks them"),
     (433, "model: as seed 1659 (left the filter, then deleted: the comeback carries the edit)"),
+    (867, "engine: the note of a write whose answer was lost is kept on the item, for a rebuilt cache"),
+    (1109, "engine: as seed 867"),
+    (1734, "engine: as seed 867"),
 ];
 
 #[test]

@@ -448,6 +448,25 @@ fn two_attendees_bringing_back_one_deleted_meeting_keep_both_edits() {
     assert_converged(&world, &organiser);
 }
 
+#[test]
+fn a_write_whose_answer_was_lost_is_still_known_after_the_cache_is_rebuilt() {
+    // The item's edit reaches CRM but the answer is lost; then the machine is unlinked and
+    // linked again (a new, empty cache) and the user edits the item once more. The item itself
+    // keeps the note of the uncertain write, so the rebuilt cache learns from CRM's change that
+    // the write landed: the later edit is no conflict with the user's own earlier one.
+    let (mut world, mut laptop, item) = one_synced_contact(&[("fullname", "Alice")]);
+    laptop.mailbox.user_update(&item, f(&[("fullname", "Alice B")])).unwrap();
+    let mut lossy = EditedMeanwhile { inner: &mut world.server, edit: Some((id(1), Meanwhile::LoseAnswer)) };
+    assert!(laptop.run(&mut lossy, &mut NoObserver, &EngineConfig::default()).is_err());
+    unlink(&mut world.server, &mut laptop.cache, laptop.subscription).unwrap();
+    laptop.subscription = world.server.register_client(user(0), "LAPTOP", SubscriptionType::Outlook).unwrap();
+    laptop.mailbox.user_update(&item, f(&[("fullname", "Alice C")])).unwrap();
+    let report = world.sync(&mut laptop, &EngineConfig::default());
+    assert_eq!(report.by_entity[&Contact].merged_conflicts, 0, "{report:?}");
+    assert_eq!(world.server.record(id(1)).unwrap().unwrap().fields, f(&[("fullname", "Alice C")]));
+    assert_converged(&world, &laptop);
+}
+
 /// Stops the run once the mailbox's changes are queued, before anything is applied.
 struct KillAfterQueueingOutlook;
 

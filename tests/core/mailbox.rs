@@ -78,6 +78,7 @@ fn update_and_link_lands_whole_or_not_at_all<M: Mailbox + UserEdits>(mut mb: M, 
         fields: f(&[("fullname", name)]),
         crm_version: Some(VersionNumber(v)),
         role: Role::Owner,
+        pending: None,
     };
     let to_bobby = FieldPatch::between(&f(&[("fullname", "Bob")]), &f(&[("fullname", "Bobby")]));
     // Fields and base together.
@@ -128,7 +129,7 @@ fn stamped(otc: ObjectTypeCode, fields: &[(&str, &str)], crm: u128) -> NewItem {
 }
 
 fn base(fields: Fields, version: u64) -> SyncBase {
-    SyncBase { fields, crm_version: Some(VersionNumber(version)), role: Role::Owner }
+    SyncBase { fields, crm_version: Some(VersionNumber(version)), role: Role::Owner, pending: None }
 }
 
 fn all(mb: &impl Mailbox, from: MailboxCursor) -> ChangePage {

@@ -13,7 +13,7 @@ use crmsync_sim::run_seed;
 use crmsync_sim::world::WorldConfig;
 
 /// Most seeds a mutant may survive.
-const SEEDS_MAX: u64 = 250;
+const SEEDS_MAX: u64 = 100;
 
 /// How a seed ended under a mutant.
 enum Verdict {

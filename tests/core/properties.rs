@@ -1193,6 +1193,65 @@ proptest! {
     }
 }
 
+/// A direction for each of `NAMES`, for one entity.
+fn directions_of(otc: ObjectTypeCode) -> impl Strategy<Value = FieldDirections> {
+    vec(direction(), NAMES.len()).prop_map(move |dirs| {
+        let mut fd = FieldDirections::default();
+        let fields = fd.0.entry(otc).or_default();
+        for (name, dir) in NAMES.iter().zip(dirs) {
+            fields.insert((*name).to_owned(), dir);
+        }
+        fd
+    })
+}
+
+/// What `patch` does to `name`: `None` when it leaves it alone, `Some(None)` when it clears it.
+fn patch_of<'a>(patch: &'a FieldPatch, name: &str) -> Option<Option<&'a str>> {
+    patch.iter().find(|(n, _)| *n == name).map(|(_, value)| value)
+}
+
+proptest! {
+    #![proptest_config(small(2048))]
+
+    /// (e) Per-field sync direction (DOMAIN section 5): a one-way field takes its source side's
+    /// value, is never written to its source, and is written to the other side only when the
+    /// source changed and the sides differ; a field not synchronised is in no patch and kept out
+    /// of the result.
+    #[test]
+    fn merge_one_way_fields_flow_only_from_their_source(
+        (otc, dirs) in object_type().prop_flat_map(|otc| (Just(otc), directions_of(otc))),
+        base in fields(),
+        crm in proptest::option::of(fields()),
+        outlook in proptest::option::of(fields()),
+        p in conflict_policy(),
+    ) {
+        let p = Policies { field_directions: dirs, ..p };
+        let m = merge(&base, crm.as_ref(), outlook.as_ref(), otc, &p).expect("small field sets stay within the limits");
+        let (c, o) = (crm.as_ref().unwrap_or(&base), outlook.as_ref().unwrap_or(&base));
+        for name in NAMES {
+            let (cv, ov) = (c.get(name), o.get(name));
+            let (to_crm, to_outlook) = (patch_of(&m.to_crm, name), patch_of(&m.to_outlook, name));
+            match p.field_directions.get(otc, name) {
+                FieldSyncDirection::TwoWay => {}
+                FieldSyncDirection::CrmToOutlook => {
+                    prop_assert_eq!(m.fields.get(name), cv, "{} takes CRM's value", name);
+                    prop_assert_eq!(to_crm, None, "{} is never written to CRM", name);
+                    prop_assert_eq!(to_outlook, (crm.is_some() && cv != ov).then_some(cv), "{} to Outlook", name);
+                }
+                FieldSyncDirection::OutlookToCrm => {
+                    prop_assert_eq!(m.fields.get(name), ov, "{} takes Outlook's value", name);
+                    prop_assert_eq!(to_outlook, None, "{} is never written to Outlook", name);
+                    prop_assert_eq!(to_crm, (outlook.is_some() && cv != ov).then_some(ov), "{} to CRM", name);
+                }
+                FieldSyncDirection::None => {
+                    prop_assert_eq!(m.fields.get(name), None, "{} is kept out of the result", name);
+                    prop_assert_eq!((to_crm, to_outlook), (None, None), "{} is written nowhere", name);
+                }
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // 8. Echo-free.
 

@@ -658,6 +658,71 @@ proptest! {
     }
 }
 
+/// A change stamp from a small pool, so ties happen, with the extremes a queue may hold: CRM
+/// versions near 0 and near `u64::MAX`, Outlook times before 1970 (a skewed clock) and after,
+/// with and without fractions of a second, and leap seconds.
+fn any_stamp() -> impl Strategy<Value = ChangeStamp> {
+    let version = prop_oneof![0u64..4, (u64::MAX - 3)..=u64::MAX].prop_map(VersionNumber);
+    let seconds = prop_oneof![
+        -8_000_000_000_000i64..-7_999_999_999_997,
+        -3i64..3,
+        1_600_000_000i64..1_600_000_003,
+        // 1_600_000_019 is the last second of a minute: it may hold a leap second.
+        1_600_000_019i64..1_600_000_021,
+        8_000_000_000_000i64..8_000_000_000_003,
+    ];
+    let nanos = prop_oneof![
+        Just(0u32),
+        Just(1),
+        Just(999_999_999),
+        0..1_000_000_000u32,
+        1_000_000_000..2_000_000_000u32
+    ];
+    let time =
+        (seconds, nanos).prop_filter_map("a time chrono holds", |(s, n)| DateTime::from_timestamp(s, n));
+    prop_oneof![version.prop_map(ChangeStamp::Crm), time.prop_map(ChangeStamp::Outlook)]
+}
+
+proptest! {
+    #![proptest_config(big(512))]
+
+    /// Actions come out in run order (ARCHITECTURE, "How one change flows"): by change kind, then
+    /// change timestamp, then key; no two actions share a place.
+    #[test]
+    fn plan_is_in_run_order(s in scenario(200), policies in policies()) {
+        let plan = plan_of(&s, &policies);
+        for pair in plan.actions.windows(2) {
+            prop_assert!(pair[0].order < pair[1].order, "out of order:\n{}{}", pair[0], pair[1]);
+        }
+    }
+
+    /// The same for any stamps, ties included: one change per record, CRM records and untracked
+    /// Outlook items, every kind.
+    #[test]
+    fn run_order_holds_for_any_stamp(changes in vec((kind(), any_stamp()), 1..40)) {
+        let mut queue = Queue::new();
+        for (i, (kind, stamp)) in changes.iter().enumerate() {
+            let outlook = matches!(stamp, ChangeStamp::Outlook(_));
+            let record = Record { crm_id: outlook.then(|| crm_id(i)), ..Record::new(Fields::empty()) };
+            let op = match kind {
+                ChangeKind::Create => ChangeOp::Create(record),
+                ChangeKind::Update => ChangeOp::Update(record),
+                ChangeKind::Delete => ChangeOp::Delete(DeleteReason::Deleted),
+            };
+            let change = match *stamp {
+                ChangeStamp::Crm(v) => Change::crm(crm_id(i), ObjectTypeCode::Contact, v, op),
+                ChangeStamp::Outlook(t) => Change::outlook(entry_id(i), ObjectTypeCode::Contact, t, op),
+            };
+            queue.push(change.expect("valid change")).expect("queue has room");
+        }
+        let plan = plan(&queue, &Mapping::default(), &Policies::default()).expect("nothing is mapped");
+        prop_assert_eq!(plan.actions.len(), changes.len());
+        for pair in plan.actions.windows(2) {
+            prop_assert!(pair[0].order < pair[1].order, "out of order:\n{}{}", pair[0], pair[1]);
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. Every entry consumed once; a successful run leaves exactly the rejected entries.
 

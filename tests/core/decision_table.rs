@@ -318,3 +318,20 @@ fn policy_mass_delete_guard_stops_the_run() {
     );
     snapshot!("policy_mass_delete_guard", world.render());
 }
+
+/// The guard counts each side's deletes: Outlook deletes of current tasks delete in CRM, and
+/// deleting 11 of 12 mapped records there stops the run as surely as in Outlook.
+#[test]
+fn policy_mass_delete_guard_counts_deletes_in_crm() {
+    let mut world = World::new();
+    for n in 1..=12 {
+        world = world.map(n, &format!("E{n}"), Task, &[("subject", "s")]);
+    }
+    for n in 1..=11 {
+        world = world.outlook(&format!("E{n}"), Task, n, ChangeOp::Delete(DeleteReason::Deleted));
+    }
+    assert_eq!(
+        world.plan().unwrap_err(),
+        PlanError::MassDelete { side: Side::Crm, deletes: 11, mapped: 12, percent_max: 50 }
+    );
+}

@@ -450,8 +450,9 @@ impl<'m> Grouping<'m> {
 }
 
 /// Sorts actions into run order (`ActionOrder`): sorts one number per action (kind, then stamp,
-/// then the action's index), breaks the rare ties of kind and stamp by key, and moves each action
-/// once.
+/// then the action's index), breaks the rare ties of that number by the full order (kind and
+/// stamp equal, by key; or two times inside one leap second, whose nanoseconds past 2^30 - 1 the
+/// number cannot hold), and moves each action once.
 fn in_run_order(actions: Vec<Action>) -> Vec<Action> {
     // kind: 2 bits | side of the stamp: 1 bit | seconds or version: 64 bits | nanoseconds: 30 bits
     // | index: 31 bits (a queue holds at most 16M entries, so at most as many actions).
@@ -471,7 +472,7 @@ fn in_run_order(actions: Vec<Action>) -> Vec<Action> {
         actions.iter().enumerate().map(|(i, a)| packed(&a.order) << INDEX_BITS | i as u128).collect();
     keys.sort_unstable();
     for run in keys.chunk_by_mut(|a, b| a >> INDEX_BITS == b >> INDEX_BITS).filter(|run| run.len() > 1) {
-        run.sort_unstable_by(|a, b| actions[index(*a)].order.key.cmp(&actions[index(*b)].order.key));
+        run.sort_unstable_by(|a, b| actions[index(*a)].order.cmp(&actions[index(*b)].order));
     }
     // Apply the permutation in place, one cycle at a time: position j takes the action at
     // index(keys[j]). No second vector of actions is allocated. Each step reads an action far

@@ -609,6 +609,52 @@ mod tests {
         QueueEntry { id: QueueId(id), change: change(id), attempts: 0, last_error: None }
     }
 
+    /// `QueueIds` reads as the slice of its ids, whichever way it was built (pushed one by one,
+    /// appended, collected, or from a vector) and however it holds them: equal exactly when the
+    /// ids are, printed and serialised as the slice, and sorted in place.
+    #[test]
+    fn queue_id_lists_read_as_their_ids() {
+        let lists: Vec<Vec<QueueId>> = vec![
+            vec![],
+            vec![QueueId(1)],
+            vec![QueueId(2)],
+            vec![QueueId(1), QueueId(2)],
+            vec![QueueId(2), QueueId(1)],
+            vec![QueueId(1), QueueId(2), QueueId(3)],
+            vec![QueueId(1), QueueId(2), QueueId(3), QueueId(4)],
+        ];
+        let built = |ids: &[QueueId]| {
+            let mut pushed = QueueIds::new();
+            ids.iter().for_each(|id| pushed.push(*id));
+            let (head, tail) = ids.split_at(ids.len() / 2);
+            let mut appended: QueueIds = head.iter().copied().collect();
+            appended.append(&mut tail.iter().copied().collect());
+            let collected: QueueIds = ids.iter().copied().collect();
+            [pushed, appended, collected, QueueIds::from(ids.to_vec())]
+        };
+        for a in &lists {
+            for x in built(a) {
+                assert_eq!(&x[..], &a[..]);
+                assert_eq!((&x).into_iter().copied().collect::<Vec<_>>(), *a);
+                assert_eq!(format!("{x:?}"), format!("{a:?}"));
+                assert_eq!(serde_json::to_string(&x).unwrap(), serde_json::to_string(a).unwrap());
+                let back: QueueIds = serde_json::from_str(&serde_json::to_string(a).unwrap()).unwrap();
+                assert!(back == x && x == *a);
+                let mut sorted_ids = a.clone();
+                sorted_ids.sort_unstable();
+                let mut sorted = x.clone();
+                sorted.sort_unstable();
+                assert!(sorted == sorted_ids);
+                for b in &lists {
+                    assert_eq!(x == *b, a == b, "{a:?} against {b:?}");
+                    for y in built(b) {
+                        assert_eq!(x == y, a == b, "{a:?} against {b:?}");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn ids_are_found_across_gaps_sweeps_and_out_of_order_inserts() {
         let mut queue = Queue::new();

@@ -344,3 +344,33 @@ fn policy_mass_delete_guard_stops_the_run() {
     );
     snapshot!("policy_mass_delete_guard", world.render());
 }
+
+/// The guard counts each side's deletes: Outlook deletes of current tasks delete in CRM, and
+/// deleting 11 of 12 mapped records there stops the run as surely as in Outlook.
+#[test]
+fn policy_mass_delete_guard_counts_deletes_in_crm() {
+    let mut world = World::new();
+    for n in 1..=12 {
+        world = world.map(n, &format!("E{n}"), Task, &[("subject", "s")]);
+    }
+    for n in 1..=11 {
+        world = world.outlook(&format!("E{n}"), Task, n, ChangeOp::Delete(DeleteReason::Deleted));
+    }
+    assert_eq!(
+        world.plan().unwrap_err(),
+        PlanError::MassDelete { side: Side::Crm, deletes: 11, mapped: 12, percent_max: 50 }
+    );
+}
+
+/// Run order breaks a tie of kind and stamp by key: two mapped items edited in the same minute
+/// run in `EntryId` order, whatever the order of the `CrmId`s they are mapped to.
+#[test]
+fn run_order_breaks_ties_of_kind_and_stamp_by_key() {
+    let world = World::new()
+        .map(1, "E2", Task, &[("subject", "a")])
+        .map(2, "E1", Task, &[("subject", "b")])
+        .outlook("E2", Task, 5, ChangeOp::Update(orec(1, &[("subject", "a2")])))
+        .outlook("E1", Task, 5, ChangeOp::Update(orec(2, &[("subject", "b2")])));
+    let keys: Vec<RecordKey> = world.plan().unwrap().actions.into_iter().map(|a| a.order.key).collect();
+    assert_eq!(keys, [RecordKey::Outlook(e("E1")), RecordKey::Outlook(e("E2"))]);
+}

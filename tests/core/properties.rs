@@ -658,6 +658,71 @@ proptest! {
     }
 }
 
+/// A change stamp from a small pool, so ties happen, with the extremes a queue may hold: CRM
+/// versions near 0 and near `u64::MAX`, Outlook times before 1970 (a skewed clock) and after,
+/// with and without fractions of a second, and leap seconds.
+fn any_stamp() -> impl Strategy<Value = ChangeStamp> {
+    let version = prop_oneof![0u64..4, (u64::MAX - 3)..=u64::MAX].prop_map(VersionNumber);
+    let seconds = prop_oneof![
+        -8_000_000_000_000i64..-7_999_999_999_997,
+        -3i64..3,
+        1_600_000_000i64..1_600_000_003,
+        // 1_600_000_019 is the last second of a minute: it may hold a leap second.
+        1_600_000_019i64..1_600_000_021,
+        8_000_000_000_000i64..8_000_000_000_003,
+    ];
+    let nanos = prop_oneof![
+        Just(0u32),
+        Just(1),
+        Just(999_999_999),
+        0..1_000_000_000u32,
+        1_000_000_000..2_000_000_000u32
+    ];
+    let time =
+        (seconds, nanos).prop_filter_map("a time chrono holds", |(s, n)| DateTime::from_timestamp(s, n));
+    prop_oneof![version.prop_map(ChangeStamp::Crm), time.prop_map(ChangeStamp::Outlook)]
+}
+
+proptest! {
+    #![proptest_config(big(512))]
+
+    /// Actions come out in run order (ARCHITECTURE, "How one change flows"): by change kind, then
+    /// change timestamp, then key; no two actions share a place.
+    #[test]
+    fn plan_is_in_run_order(s in scenario(200), policies in policies()) {
+        let plan = plan_of(&s, &policies);
+        for pair in plan.actions.windows(2) {
+            prop_assert!(pair[0].order < pair[1].order, "out of order:\n{}{}", pair[0], pair[1]);
+        }
+    }
+
+    /// The same for any stamps, ties included: one change per record, CRM records and untracked
+    /// Outlook items, every kind.
+    #[test]
+    fn run_order_holds_for_any_stamp(changes in vec((kind(), any_stamp()), 1..40)) {
+        let mut queue = Queue::new();
+        for (i, (kind, stamp)) in changes.iter().enumerate() {
+            let outlook = matches!(stamp, ChangeStamp::Outlook(_));
+            let record = Record { crm_id: outlook.then(|| crm_id(i)), ..Record::new(Fields::empty()) };
+            let op = match kind {
+                ChangeKind::Create => ChangeOp::Create(record),
+                ChangeKind::Update => ChangeOp::Update(record),
+                ChangeKind::Delete => ChangeOp::Delete(DeleteReason::Deleted),
+            };
+            let change = match *stamp {
+                ChangeStamp::Crm(v) => Change::crm(crm_id(i), ObjectTypeCode::Contact, v, op),
+                ChangeStamp::Outlook(t) => Change::outlook(entry_id(i), ObjectTypeCode::Contact, t, op),
+            };
+            queue.push(change.expect("valid change")).expect("queue has room");
+        }
+        let plan = plan(&queue, &Mapping::default(), &Policies::default()).expect("nothing is mapped");
+        prop_assert_eq!(plan.actions.len(), changes.len());
+        for pair in plan.actions.windows(2) {
+            prop_assert!(pair[0].order < pair[1].order, "out of order:\n{}{}", pair[0], pair[1]);
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. Every entry consumed once; a successful run leaves exactly the rejected entries.
 
@@ -1197,6 +1262,65 @@ proptest! {
         let o = outlook.as_ref().unwrap_or(&base);
         prop_assert_eq!(&apply_patch(&m.to_crm, c), &m.fields);
         prop_assert_eq!(&apply_patch(&m.to_outlook, o), &m.fields);
+    }
+}
+
+/// A direction for each of `NAMES`, for one entity.
+fn directions_of(otc: ObjectTypeCode) -> impl Strategy<Value = FieldDirections> {
+    vec(direction(), NAMES.len()).prop_map(move |dirs| {
+        let mut fd = FieldDirections::default();
+        let fields = fd.0.entry(otc).or_default();
+        for (name, dir) in NAMES.iter().zip(dirs) {
+            fields.insert((*name).to_owned(), dir);
+        }
+        fd
+    })
+}
+
+/// What `patch` does to `name`: `None` when it leaves it alone, `Some(None)` when it clears it.
+fn patch_of<'a>(patch: &'a FieldPatch, name: &str) -> Option<Option<&'a str>> {
+    patch.iter().find(|(n, _)| *n == name).map(|(_, value)| value)
+}
+
+proptest! {
+    #![proptest_config(small(2048))]
+
+    /// (e) Per-field sync direction (DOMAIN section 5): a one-way field takes its source side's
+    /// value, is never written to its source, and is written to the other side only when the
+    /// source changed and the sides differ; a field not synchronised is in no patch and kept out
+    /// of the result.
+    #[test]
+    fn merge_one_way_fields_flow_only_from_their_source(
+        (otc, dirs) in object_type().prop_flat_map(|otc| (Just(otc), directions_of(otc))),
+        base in fields(),
+        crm in proptest::option::of(fields()),
+        outlook in proptest::option::of(fields()),
+        p in conflict_policy(),
+    ) {
+        let p = Policies { field_directions: dirs, ..p };
+        let m = merge(&base, crm.as_ref(), outlook.as_ref(), otc, &p).expect("small field sets stay within the limits");
+        let (c, o) = (crm.as_ref().unwrap_or(&base), outlook.as_ref().unwrap_or(&base));
+        for name in NAMES {
+            let (cv, ov) = (c.get(name), o.get(name));
+            let (to_crm, to_outlook) = (patch_of(&m.to_crm, name), patch_of(&m.to_outlook, name));
+            match p.field_directions.get(otc, name) {
+                FieldSyncDirection::TwoWay => {}
+                FieldSyncDirection::CrmToOutlook => {
+                    prop_assert_eq!(m.fields.get(name), cv, "{} takes CRM's value", name);
+                    prop_assert_eq!(to_crm, None, "{} is never written to CRM", name);
+                    prop_assert_eq!(to_outlook, (crm.is_some() && cv != ov).then_some(cv), "{} to Outlook", name);
+                }
+                FieldSyncDirection::OutlookToCrm => {
+                    prop_assert_eq!(m.fields.get(name), ov, "{} takes Outlook's value", name);
+                    prop_assert_eq!(to_outlook, None, "{} is never written to Outlook", name);
+                    prop_assert_eq!(to_crm, (outlook.is_some() && cv != ov).then_some(ov), "{} to CRM", name);
+                }
+                FieldSyncDirection::None => {
+                    prop_assert_eq!(m.fields.get(name), None, "{} is kept out of the result", name);
+                    prop_assert_eq!((to_crm, to_outlook), (None, None), "{} is written nowhere", name);
+                }
+            }
+        }
     }
 }
 

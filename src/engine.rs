@@ -628,7 +628,11 @@ fn note_uncertain_write<M: Mailbox>(
     if let Ok(Some(item)) = mailbox.get(entry_id) {
         if let (Some(stamp), Some(base)) = (item.stamp().filter(|s| s == crm_id), item.synced) {
             let noted = SyncBase { pending: Some(to_crm.clone()), ..base };
-            let _ = mailbox.link(entry_id, stamp, noted);
+            // Made durable now: the run may stop right after (a lost answer ends it). Items may
+            // run ahead of the cache, never behind it, so flushing early is safe.
+            if mailbox.link(entry_id, stamp, noted).is_ok() {
+                let _ = mailbox.flush();
+            }
         }
     }
     Ok(())

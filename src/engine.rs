@@ -623,8 +623,7 @@ fn note_uncertain_write<M: Mailbox>(
     if to_crm.is_empty() {
         return Ok(());
     }
-    let Ok(text) = serde_json::to_string(to_crm) else { return Ok(()) };
-    cache.set_meta(&format!("{UNCERTAIN_WRITE_PREFIX}{crm_id}"), &text)?;
+    note_in_cache(cache, *crm_id, to_crm)?;
     if let Ok(Some(item)) = mailbox.get(entry_id) {
         if let (Some(stamp), Some(base)) = (item.stamp().filter(|s| s == crm_id), item.synced) {
             let noted = SyncBase { pending: Some(to_crm.clone()), ..base };
@@ -650,9 +649,15 @@ fn uncertain_writes_kept_on_items<'i>(
         else {
             continue;
         };
-        let Ok(text) = serde_json::to_string(patch) else { continue };
-        cache.set_meta(&format!("{UNCERTAIN_WRITE_PREFIX}{crm_id}"), &text)?;
+        note_in_cache(cache, crm_id, patch)?;
     }
+    Ok(())
+}
+
+/// The cache's note of an uncertain write of `patch` to `crm_id` (one per record).
+fn note_in_cache(cache: &mut SyncCache, crm_id: CrmId, patch: &FieldPatch) -> Result<(), EngineError> {
+    let Ok(text) = serde_json::to_string(patch) else { return Ok(()) };
+    cache.set_meta(&format!("{UNCERTAIN_WRITE_PREFIX}{crm_id}"), &text)?;
     Ok(())
 }
 

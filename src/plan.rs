@@ -703,10 +703,7 @@ impl<'m> Planner<'m> {
                 // a new primary reading the item's base would merge against an older one (found
                 // by crmsync-sim, seed 587: the base had taken a write whose answer was lost).
                 let echoed = match (&crm, mapped) {
-                    (Some(c), Some(m)) if crm_version(&crm) > m.crm_version => match c.net {
-                        Net::Create(r) | Net::Update(r) => Some((m, r)),
-                        _ => None,
-                    },
+                    (Some(c), Some(m)) if crm_version(&crm) > m.crm_version => c.net.record().map(|r| (m, r)),
                     _ => None,
                 };
                 let link = match echoed {

@@ -317,6 +317,24 @@ fn policy_no_change_echo_stale_and_never_synced_write_nothing() {
 }
 
 #[test]
+fn a_crm_change_at_the_pairs_own_version_keeps_the_pair() {
+    // The pair agrees with version 10; a page re-delivering version 10 (equal to the base or
+    // not) is no newer than what the pair holds: dropped, and the pair is left as it is (only a
+    // newer echo moves the pair to its version).
+    let world = World::new()
+        .map(1, "E1", Contact, ALICE)
+        .map(2, "E2", Contact, ALICE)
+        .crm(1, Contact, 10, ChangeOp::Update(rec(ALICE)))
+        .crm(2, Contact, 10, ChangeOp::Update(rec(&[("fullname", "Old")])));
+    let plan = world.plan().expect("plan");
+    assert_eq!(plan.actions.len(), 2);
+    for action in &plan.actions {
+        assert!(matches!(action.op, ActionOp::Drop { .. }), "{action}");
+        assert_eq!(action.link, LinkChange::Keep, "{action}");
+    }
+}
+
+#[test]
 fn policy_invalid_records_are_rejected_alone() {
     let world = World::new()
         .crm(1, Email, 11, ChangeOp::Create(rec(&[("subject", "hi")])))

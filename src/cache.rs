@@ -16,7 +16,7 @@ use std::rc::Rc;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
-use crate::change::Change;
+use crate::change::{ActivityStatus, Change, Role};
 use crate::entity::ObjectTypeCode;
 use crate::ids::{CrmId, EntryId};
 use crate::mapping::{MappingEntry, MappingError};
@@ -574,24 +574,59 @@ fn write_mapping_row(
     };
     // OR REPLACE: the row replaces its earlier version and any row that held its EntryId or
     // GOID a moment ago (a re-pointed pair), as the pure mapping's link did, in one statement.
+    let mut crm_id_text = uuid::Uuid::encode_buffer();
     conn.prepare_cached(
         "INSERT OR REPLACE INTO IdMappingTable \
          (CrmId, EntryId, ObjectTypeCode, Base, Goid, Role, Status, CrmVersion) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?
     .execute(params![
-        crm_id.to_string(),
+        &*crm_id.as_uuid().hyphenated().encode_lower(&mut crm_id_text),
         m.entry_id.as_str(),
         m.object_type.code(),
         to_json(&m.base)?,
         m.goid.as_ref().map(|g| g.to_hex()),
-        to_json(&m.role)?,
-        to_json(&m.status)?,
+        role_json(m.role),
+        status_json(m.status),
         m.crm_version.map(|v| v.0 as i64),
     ])?;
     Ok(())
 }
 
+/// A role as its JSON text (what `serde_json` writes for it), without serialising per row.
+fn role_json(role: Role) -> &'static str {
+    match role {
+        Role::Owner => "\"Owner\"",
+        Role::Organizer => "\"Organizer\"",
+        Role::Attendee => "\"Attendee\"",
+        Role::Other => "\"Other\"",
+    }
+}
+
+/// A status as its JSON text (what `serde_json` writes for it).
+fn status_json(status: ActivityStatus) -> &'static str {
+    match status {
+        ActivityStatus::Open => "\"Open\"",
+        ActivityStatus::Completed => "\"Completed\"",
+        ActivityStatus::Cancelled => "\"Cancelled\"",
+    }
+}
+
 fn to_json<T: serde::Serialize>(value: &T) -> Result<String, CacheError> {
     serde_json::to_string(value).map_err(|e| corrupt("IdMappingTable", "Base", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn role_and_status_texts_are_their_json() {
+        for role in [Role::Owner, Role::Organizer, Role::Attendee, Role::Other] {
+            assert_eq!(role_json(role), serde_json::to_string(&role).unwrap());
+        }
+        for status in [ActivityStatus::Open, ActivityStatus::Completed, ActivityStatus::Cancelled] {
+            assert_eq!(status_json(status), serde_json::to_string(&status).unwrap());
+        }
+    }
 }

@@ -120,7 +120,12 @@ pub struct EntryId(Arc<str>);
 
 impl EntryId {
     pub fn new(id: impl Into<String>) -> Result<Self, IdError> {
-        let id: String = id.into();
+        Self::from_str_checked(&id.into())
+    }
+
+    /// As [`EntryId::new`], copying the text once (into the shared string) instead of first
+    /// into an owned `String`.
+    pub fn from_str_checked(id: &str) -> Result<Self, IdError> {
         if id.is_empty() {
             return Err(IdError::EmptyEntryId);
         }

@@ -233,6 +233,21 @@ fn update_wins_over_a_crm_delete_with_the_records_last_crm_values() {
 }
 
 #[test]
+fn update_wins_over_a_crm_delete_ignores_an_edit_at_the_pairs_own_version() {
+    // The pair agrees with version 10; a page re-delivering version 10 before the delete says
+    // nothing the base does not: the record comes back with the item's edit alone.
+    let world = World::new()
+        .map(4, "E4", Task, &[("subject", "Old")])
+        .crm(4, Task, 10, ChangeOp::Update(rec(&[("subject", "Old"), ("description", "stale page")])))
+        .crm(4, Task, 15, ChangeOp::Delete(DeleteReason::Deleted))
+        .outlook("E4", Task, 4, ChangeOp::Update(rec(&[("subject", "New")])));
+    let ops = ops(&world);
+    let ActionOp::CreateInCrm { fields, to_outlook, .. } = &ops[0] else { panic!("re-create: {ops:?}") };
+    assert_eq!(fields, &f(&[("subject", "New")]));
+    assert!(to_outlook.is_empty(), "{to_outlook:?}");
+}
+
+#[test]
 fn row_update_vs_delete_delete_wins_when_chosen() {
     let world = update_vs_delete()
         .with(Policies { update_vs_delete: UpdateVsDeletePolicy::DeleteWins, ..Default::default() });

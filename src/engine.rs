@@ -1034,25 +1034,20 @@ fn create_in_outlook<M: Mailbox>(
     fields: &crate::fields::Fields,
     goid_search: Option<&crate::ids::GlobalObjectId>,
 ) -> Result<Applied, Failure> {
-    let found = match mailbox.find_by_stamp(crm_id)? {
-        Some(entry) => Some(entry),
-        None => match goid_search {
-            Some(_) if mutant::active(Mutant::SkipGoidSearch) => None,
-            Some(goid) => mailbox.find_by_goid(goid)?,
-            None => None,
+    // A retried create finds its earlier effect: an item already stamped with `crm_id`. With a
+    // GOID to search, it is looked for first (the search must not find, and link, another item
+    // when this one exists); without, the create itself refuses with that item's id, which
+    // spares a lookup on every create.
+    let found = match goid_search {
+        None => None,
+        Some(goid) => match mailbox.find_by_stamp(crm_id)? {
+            Some(entry) => Some(entry),
+            None if mutant::active(Mutant::SkipGoidSearch) => None,
+            None => mailbox.find_by_goid(goid)?,
         },
     };
     let entry_id = match found {
-        Some(entry) => {
-            if let Some(item) = mailbox.get(&entry)? {
-                let patch = FieldPatch::between(&item.fields, fields);
-                if !patch.is_empty() {
-                    mailbox.update(&entry, &patch)?;
-                }
-            }
-            relink(mailbox, &entry, crm_id, synced_base(action, None))?;
-            entry
-        }
+        Some(entry) => entry,
         None => {
             let link = pending(&action.link);
             let synced = synced_base(action, None).unwrap_or_else(|| SyncBase {
@@ -1061,16 +1056,29 @@ fn create_in_outlook<M: Mailbox>(
                 role: Role::Owner,
                 pending: None,
             });
-            mailbox.create(NewItem {
+            let created = mailbox.create(NewItem {
                 object_type: action.object_type,
                 fields: fields.clone(),
                 goid: link.and_then(|l| l.goid.clone()).filter(|_| action.object_type.is_calendar()),
                 status: link.map_or(crate::change::ActivityStatus::Open, |l| l.status),
                 stamp: crm_id,
                 synced,
-            })?
+            });
+            match created {
+                Ok(entry_id) => return Ok(Applied { entry_id: Some(entry_id), crm_version: None }),
+                Err(MailboxError::StampTaken { entry_id, .. }) => entry_id,
+                Err(e) => return Err(e.into()),
+            }
         }
     };
+    // An item already there (stamped by an earlier try, or found by GOID): bring it up to date.
+    if let Some(item) = mailbox.get(&entry_id)? {
+        let patch = FieldPatch::between(&item.fields, fields);
+        if !patch.is_empty() {
+            mailbox.update(&entry_id, &patch)?;
+        }
+    }
+    relink(mailbox, &entry_id, crm_id, synced_base(action, None))?;
     Ok(Applied { entry_id: Some(entry_id), crm_version: None })
 }
 

@@ -3,10 +3,12 @@
 //! (the server's records, the mailbox's items, the cache file) and the reference model; none
 //! asks the engine what it meant to do.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::hash::BuildHasherDefault;
 use std::rc::Rc;
 
 use crmsync::ids::{CrmId, EntryId};
+use crmsync::index::{IdHasher, IdMap};
 use crmsync::mailbox::{Mailbox, MailboxItem, Tracking};
 use crmsync::queue::QueueEntry;
 use crmsync::server::{CrmService, ServerRecord};
@@ -27,6 +29,10 @@ impl std::fmt::Display for Violation {
         write!(f, "event {}: {}", self.at, self.what)
     }
 }
+
+/// A set to ask, never to list: the checks after every run look things up in these (no order
+/// of theirs reaches a verdict: every check walks items and records in their own order).
+type IdSet<K> = HashSet<K, BuildHasherDefault<IdHasher>>;
 
 fn fail<T>(w: &World, what: String) -> Result<T, Violation> {
     Err(w.violation(what))
@@ -114,12 +120,12 @@ pub fn after_run(
     m: usize,
     completed: bool,
     items: &[MailboxItem],
-    records: &[ServerRecord],
+    records: &[Rc<ServerRecord>],
 ) -> Result<(), Violation> {
     let u = w.machine_user(m);
     // No two items carry one stamp; no two linked items share a GOID (a duplicate meeting).
-    let mut stamps = BTreeMap::new();
-    let mut goids = BTreeMap::new();
+    let mut stamps = IdMap::default();
+    let mut goids = IdMap::default();
     for item in items {
         if let Some(stamp) = item.stamp() {
             if let Some(other) = stamps.insert(stamp, &item.entry_id) {
@@ -129,7 +135,7 @@ pub fn after_run(
                 );
             }
             if let Some(goid) = &item.goid {
-                if let Some(other) = goids.insert(goid.clone(), &item.entry_id) {
+                if let Some(other) = goids.insert(goid, &item.entry_id) {
                     return fail(
                         w,
                         format!("user {u}: linked items {other} and {} share a GOID", item.entry_id),
@@ -150,10 +156,10 @@ pub fn after_run(
         }
     }
     // No two records in the user's filter share a GOID (a duplicate meeting in CRM).
-    let mut goids = BTreeMap::new();
+    let mut goids = IdMap::default();
     for r in records {
         if let Some(goid) = &r.goid {
-            if let Some(other) = goids.insert(goid.clone(), r.crm_id) {
+            if let Some(other) = goids.insert(goid, r.crm_id) {
                 return fail(w, format!("records {other} and {} share a GOID", r.crm_id));
             }
         }
@@ -171,7 +177,7 @@ pub fn after_run(
             }
         }
     }
-    let present: BTreeSet<&EntryId> = items.iter().map(|i| &i.entry_id).collect();
+    let present: IdSet<&EntryId> = items.iter().map(|i| &i.entry_id).collect();
     for (e, h) in model.items_of(u) {
         if !model.handles[h].unprotected && !present.contains(e) {
             return fail(w, format!("user {u}: item {e} (handle {h}) was lost: no one deleted it"));
@@ -183,13 +189,20 @@ pub fn after_run(
     kept_state_is_the_files(w, m, &state)?;
     let primary = w.server().is_primary_client(w.subscription(m)).unwrap_or(false);
     if primary && completed {
-        let by_entry: BTreeMap<&EntryId, &MailboxItem> = items.iter().map(|i| (&i.entry_id, i)).collect();
+        let by_entry: IdMap<&EntryId, &MailboxItem> = items.iter().map(|i| (&i.entry_id, i)).collect();
         // A pair with changes still queued is not settled yet (its action failed this run, after
         // an earlier try may have half-applied it): the run that settles it must repair it, and
         // convergence checks that it did.
         // Likewise a pair whose failed change the user chose to ignore ("ignored errors aside").
         let ignored = state.ignored.iter().map(|i| &i.entry);
-        let (unsettled_ids, unsettled_entries) = keys_of(state.queue.iter_unordered().chain(ignored));
+        let mut unsettled_ids = IdSet::default();
+        let mut unsettled_entries = IdSet::default();
+        for entry in state.queue.iter_unordered().chain(ignored) {
+            match entry.change.key() {
+                RecordKey::Crm(c) => unsettled_ids.insert(*c),
+                RecordKey::Outlook(e) => unsettled_entries.insert(e),
+            };
+        }
         for entry in state.mapping.entries() {
             if unsettled_ids.contains(&entry.crm_id) || unsettled_entries.contains(&entry.entry_id) {
                 continue;

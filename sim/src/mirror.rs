@@ -9,11 +9,13 @@
 
 use std::cell::{Ref, RefCell};
 use std::collections::BTreeMap;
+use std::rc::Rc;
 
 use crmsync::ids::{CrmId, VersionNumber};
 use crmsync::server::{ServerError, ServerRecord, ServerStore, SystemUserId};
 
-/// Every live record as of `seen`, by `CrmId`.
+/// Every live record as of `seen`, by `CrmId`. Records are shared (`Rc`): a reader after every
+/// run gets the user's filter as handles, not as copies of every record.
 #[derive(Debug, Default)]
 pub struct Mirror {
     inner: RefCell<Held>,
@@ -21,7 +23,7 @@ pub struct Mirror {
 
 #[derive(Debug, Default)]
 struct Held {
-    records: BTreeMap<CrmId, ServerRecord>,
+    records: BTreeMap<CrmId, Rc<ServerRecord>>,
     seen: VersionNumber,
 }
 
@@ -32,7 +34,7 @@ impl Mirror {
         &self,
         server: &ServerStore,
         user: SystemUserId,
-    ) -> Result<Vec<ServerRecord>, ServerError> {
+    ) -> Result<Vec<Rc<ServerRecord>>, ServerError> {
         self.refresh(server)?;
         Ok(self.inner.borrow().records.values().filter(|r| r.is_in_filter_of(user)).cloned().collect())
     }
@@ -49,7 +51,7 @@ impl Mirror {
         let changed = server.changed_since(held.seen)?;
         for record in changed.written {
             held.seen = held.seen.max(record.version);
-            held.records.insert(record.crm_id, record);
+            held.records.insert(record.crm_id, Rc::new(record));
         }
         for (crm_id, version) in changed.deleted {
             held.seen = held.seen.max(version);
@@ -111,7 +113,9 @@ mod tests {
         let mirror = Mirror::default();
         let check = |server: &ServerStore| {
             for u in [a, b] {
-                assert_eq!(mirror.in_filter(server, u).unwrap(), server.records_in_filter(u).unwrap());
+                let mirrored: Vec<ServerRecord> =
+                    mirror.in_filter(server, u).unwrap().into_iter().map(Rc::unwrap_or_clone).collect();
+                assert_eq!(mirrored, server.records_in_filter(u).unwrap());
             }
             for n in [10, 11, 12] {
                 let crm_id = CrmId::new(Uuid::from_u128(n)).unwrap();

@@ -16,9 +16,10 @@ use std::rc::Rc;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
-use crate::change::Change;
+use crate::change::{Change, ChangeKind, Side};
 use crate::entity::ObjectTypeCode;
 use crate::ids::{CrmId, EntryId};
+use crate::index::IdMap;
 use crate::mapping::{MappingEntry, MappingError};
 use crate::plan::{Action, LinkChange};
 use crate::queue::{QueueEntry, QueueError, QueueId};
@@ -94,6 +95,14 @@ CREATE TABLE IgnoredErrors (
 CREATE TABLE SyncMeta (Key TEXT PRIMARY KEY, Value TEXT NOT NULL);
 ";
 
+/// Makes the current schema in an empty database, in one transaction.
+fn create_schema(conn: &Connection) -> Result<(), rusqlite::Error> {
+    conn.execute_batch(&format!(
+        "BEGIN; {SCHEMA_V1} {MIGRATE_V1_TO_V2} PRAGMA application_id = {CACHE_APPLICATION_ID}; \
+         PRAGMA user_version = {CACHE_SCHEMA_VERSION}; COMMIT;"
+    ))
+}
+
 /// The `OutlookSyncCache` file.
 pub struct SyncCache {
     conn: Connection,
@@ -106,6 +115,120 @@ pub struct SyncCache {
     /// method that writes (they all take `&mut self` and go through [`SyncCache::writer`]), so
     /// it can only be stale if another connection wrote the file, which `data_version` reveals.
     last_load: RefCell<Option<(i64, Rc<SyncState>)>>,
+    /// The rows the last full read decoded, with the text each was decoded from (see
+    /// [`Decoded`]).
+    decoded: RefCell<Decoded>,
+}
+
+/// Rows [`SyncCache::read_state`] decoded, by row key, each with the exact text it was decoded
+/// from. Decoding is a pure function of the text, so a row read again with byte-equal text is
+/// the same value: the next read clones it instead of parsing its JSON again (a queue entry's
+/// `Change`, a pair's base fields). Every read compares the text first, so a row that changed
+/// (written by this connection or another) is decoded afresh; a read keeps only the rows it
+/// saw, so this holds no more than one state's rows.
+#[derive(Default)]
+struct Decoded {
+    queue: IdMap<i64, (String, Change)>,
+    ignored: IdMap<i64, (String, Change)>,
+    mapping: IdMap<String, (MappingText, MappingEntry)>,
+}
+
+/// The columns of an `IdMappingTable` row as stored (the key, `CrmId`, aside).
+#[derive(PartialEq, Eq)]
+struct MappingText {
+    entry_id: String,
+    otc: i64,
+    base: String,
+    goid: Option<String>,
+    role: String,
+    status: String,
+    version: Option<i64>,
+}
+
+impl MappingText {
+    fn is(&self, row: &MappingRow<'_>) -> bool {
+        self.entry_id == row.entry_id
+            && self.otc == row.otc
+            && self.base == row.base
+            && self.goid.as_deref() == row.goid
+            && self.role == row.role
+            && self.status == row.status
+            && self.version == row.version
+    }
+}
+
+/// One `IdMappingTable` row as SQLite holds it, borrowed.
+struct MappingRow<'r> {
+    crm_id: &'r str,
+    entry_id: &'r str,
+    otc: i64,
+    base: &'r str,
+    goid: Option<&'r str>,
+    role: &'r str,
+    status: &'r str,
+    version: Option<i64>,
+}
+
+impl MappingRow<'_> {
+    fn to_text(&self) -> MappingText {
+        MappingText {
+            entry_id: self.entry_id.to_owned(),
+            otc: self.otc,
+            base: self.base.to_owned(),
+            goid: self.goid.map(str::to_owned),
+            role: self.role.to_owned(),
+            status: self.status.to_owned(),
+            version: self.version,
+        }
+    }
+
+    fn decode(&self) -> Result<MappingEntry, CacheError> {
+        let t = "IdMappingTable";
+        let (crm_id, entry_id, base, otc) = (self.crm_id, self.entry_id, self.base, self.otc);
+        let (role, status) = (self.role, self.status);
+        Ok(MappingEntry {
+            crm_id: crm_id.parse::<CrmId>().map_err(|_| corrupt(t, "CrmId", crm_id))?,
+            entry_id: EntryId::new(entry_id.to_owned()).map_err(|_| corrupt(t, "EntryId", entry_id))?,
+            object_type: u32::try_from(otc)
+                .ok()
+                .and_then(|c| ObjectTypeCode::try_from(c).ok())
+                .ok_or_else(|| corrupt(t, "ObjectTypeCode", otc))?,
+            base: serde_json::from_str(base).map_err(|_| corrupt(t, "Base", base))?,
+            goid: self
+                .goid
+                .map(|g| crate::ids::GlobalObjectId::from_hex(g).map_err(|_| corrupt(t, "Goid", g)))
+                .transpose()?,
+            role: serde_json::from_str(role).map_err(|_| corrupt(t, "Role", role))?,
+            status: serde_json::from_str(status).map_err(|_| corrupt(t, "Status", status))?,
+            crm_version: self
+                .version
+                .map(|v| {
+                    u64::try_from(v).map(crate::ids::VersionNumber).map_err(|_| corrupt(t, "CrmVersion", v))
+                })
+                .transpose()?,
+        })
+    }
+}
+
+/// The `Change` of a queue or ignored-error row `id` whose text is `text`: the one decoded
+/// before from the same text (`before`), else decoded now; either way kept in `next`.
+fn change_of(
+    table: &'static str,
+    before: &mut IdMap<i64, (String, Change)>,
+    next: &mut IdMap<i64, (String, Change)>,
+    id: i64,
+    text: &str,
+) -> Result<Change, CacheError> {
+    let kept = match before.remove(&id) {
+        Some((known, change)) if known == text => (known, change),
+        _ => {
+            let change = serde_json::from_str::<Change>(text).map_err(|_| corrupt(table, "Change", text))?;
+            (text.to_owned(), change)
+        }
+    };
+    let change = kept.1.clone();
+    next.insert(id, kept);
+    Ok(change)
 }
 
 impl std::fmt::Debug for SyncCache {
@@ -157,9 +280,15 @@ impl SyncCache {
         conn.pragma_update(None, "journal_mode", "WAL").map_err(sqlite)?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(sqlite)?;
         crate::sqlite::keep_plans(&conn).map_err(sqlite)?;
-        let cache = SyncCache { conn, in_group: false, reuse_loads: false, last_load: RefCell::new(None) };
+        let cache = SyncCache {
+            conn,
+            in_group: false,
+            reuse_loads: false,
+            last_load: RefCell::new(None),
+            decoded: RefCell::new(Decoded::default()),
+        };
         if fresh {
-            cache.create_schema().map_err(sqlite)?;
+            create_schema(&cache.conn).map_err(sqlite)?;
         } else if version == 1 {
             cache.migrate_v1().map_err(sqlite)?;
         }
@@ -168,18 +297,19 @@ impl SyncCache {
 
     /// A cache in memory (tests, the simulator).
     pub fn in_memory() -> Result<SyncCache, rusqlite::Error> {
-        let conn = Connection::open_in_memory()?;
+        thread_local! {
+            static TEMPLATE: RefCell<Option<Connection>> = const { RefCell::new(None) };
+        }
+        let conn = crate::sqlite::in_memory_from(&TEMPLATE, create_schema)?;
         crate::sqlite::keep_plans(&conn)?;
-        let cache = SyncCache { conn, in_group: false, reuse_loads: false, last_load: RefCell::new(None) };
-        cache.create_schema()?;
+        let cache = SyncCache {
+            conn,
+            in_group: false,
+            reuse_loads: false,
+            last_load: RefCell::new(None),
+            decoded: RefCell::new(Decoded::default()),
+        };
         Ok(cache)
-    }
-
-    fn create_schema(&self) -> Result<(), rusqlite::Error> {
-        self.conn.execute_batch(&format!(
-            "BEGIN; {SCHEMA_V1} {MIGRATE_V1_TO_V2} PRAGMA application_id = {CACHE_APPLICATION_ID}; \
-             PRAGMA user_version = {CACHE_SCHEMA_VERSION}; COMMIT;"
-        ))
     }
 
     fn migrate_v1(&self) -> Result<(), rusqlite::Error> {
@@ -267,6 +397,8 @@ impl SyncCache {
     }
 
     fn read_state(&self) -> Result<SyncState, CacheError> {
+        let mut before = self.decoded.take();
+        let mut next = Decoded::default();
         let mut state = SyncState::default();
         let mut stmt = self
             .conn
@@ -274,8 +406,10 @@ impl SyncCache {
         let mut rows = stmt.query([])?;
         while let Some(row) = rows.next()? {
             let t = "OutlookSyncTable";
-            let entry = queue_entry(t, row.get(0)?, text(row, 1, t, "Change")?, row.get(2)?, row.get(3)?)?;
-            state.queue.insert(entry)?;
+            let (id, change, attempts, last_error) =
+                (row.get(0)?, text(row, 1, t, "Change")?, row.get(2)?, row.get(3)?);
+            let change = || change_of(t, &mut before.queue, &mut next.queue, id, change);
+            state.queue.insert(queue_entry(t, id, change, attempts, last_error)?)?;
         }
         let mut stmt = self.conn.prepare_cached(
             "SELECT CrmId, EntryId, ObjectTypeCode, Base, Goid, Role, Status, CrmVersion FROM IdMappingTable \
@@ -286,30 +420,16 @@ impl SyncCache {
             let t = "IdMappingTable";
             let (crm_id, entry_id, base) =
                 (text(row, 0, t, "CrmId")?, text(row, 1, t, "EntryId")?, text(row, 3, t, "Base")?);
-            let (otc, goid, version): (i64, Option<String>, Option<i64>) =
-                (row.get(2)?, row.get(4)?, row.get(7)?);
+            let (otc, goid, version): (i64, Option<&str>, Option<i64>) =
+                (row.get(2)?, optional_text(row, 4)?, row.get(7)?);
             let (role, status) = (text(row, 5, t, "Role")?, text(row, 6, t, "Status")?);
-            let entry = MappingEntry {
-                crm_id: crm_id.parse::<CrmId>().map_err(|_| corrupt(t, "CrmId", crm_id))?,
-                entry_id: EntryId::new(entry_id.to_owned()).map_err(|_| corrupt(t, "EntryId", entry_id))?,
-                object_type: u32::try_from(otc)
-                    .ok()
-                    .and_then(|c| ObjectTypeCode::try_from(c).ok())
-                    .ok_or_else(|| corrupt(t, "ObjectTypeCode", otc))?,
-                base: serde_json::from_str(base).map_err(|_| corrupt(t, "Base", base))?,
-                goid: goid
-                    .map(|g| crate::ids::GlobalObjectId::from_hex(&g).map_err(|_| corrupt(t, "Goid", &g)))
-                    .transpose()?,
-                role: serde_json::from_str(role).map_err(|_| corrupt(t, "Role", role))?,
-                status: serde_json::from_str(status).map_err(|_| corrupt(t, "Status", status))?,
-                crm_version: version
-                    .map(|v| {
-                        u64::try_from(v)
-                            .map(crate::ids::VersionNumber)
-                            .map_err(|_| corrupt(t, "CrmVersion", v))
-                    })
-                    .transpose()?,
+            let row = MappingRow { crm_id, entry_id, otc, base, goid, role, status, version };
+            let kept = match before.mapping.remove_entry(crm_id) {
+                Some((key, (known, entry))) if known.is(&row) => (key, (known, entry)),
+                _ => (crm_id.to_owned(), (row.to_text(), row.decode()?)),
             };
+            let entry = kept.1.1.clone();
+            next.mapping.insert(kept.0, kept.1);
             state.mapping.insert(entry)?;
         }
         let mut stmt = self
@@ -318,9 +438,13 @@ impl SyncCache {
         let mut rows = stmt.query([])?;
         while let Some(row) = rows.next()? {
             let t = "IgnoredErrors";
-            let entry = queue_entry(t, row.get(0)?, text(row, 1, t, "Change")?, row.get(2)?, row.get(3)?)?;
+            let (id, change, attempts, last_error) =
+                (row.get(0)?, text(row, 1, t, "Change")?, row.get(2)?, row.get(3)?);
+            let change = || change_of(t, &mut before.ignored, &mut next.ignored, id, change);
+            let entry = queue_entry(t, id, change, attempts, last_error)?;
             state.ignored.push(IgnoredError { entry, error: row.get(4)? });
         }
+        *self.decoded.borrow_mut() = next;
         Ok(state)
     }
 
@@ -329,22 +453,21 @@ impl SyncCache {
     pub fn enqueue(&mut self, state: &mut SyncState, changes: &[Change]) -> Result<Vec<QueueId>, CacheError> {
         self.step(|conn| {
             let mut insert = conn.prepare_cached(
-                "INSERT INTO OutlookSyncTable (Side, Kind, RecordKey, ObjectTypeCode, Change) VALUES (?1, ?2, ?3, ?4, ?5) \
-                 RETURNING Id",
+                "INSERT INTO OutlookSyncTable (Side, Kind, RecordKey, ObjectTypeCode, Change) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
             let mut ids = Vec::with_capacity(changes.len());
             for change in changes {
                 let json = serde_json::to_string(change).map_err(|e| corrupt("OutlookSyncTable", "Change", e))?;
-                let id: i64 = insert.query_row(
-                    params![
-                        format!("{:?}", change.side()),
-                        format!("{:?}", change.kind()),
-                        change.key().to_string(),
-                        change.object_type().code(),
-                        json
-                    ],
-                    |r| r.get(0),
-                )?;
+                insert.execute(params![
+                    side_name(change.side()),
+                    kind_name(change.kind()),
+                    change.key().to_string(),
+                    change.object_type().code(),
+                    json
+                ])?;
+                // The row's `INTEGER PRIMARY KEY` (no trigger inserts elsewhere): what a
+                // `RETURNING Id` reads, without the temporary table SQLite fills for it.
+                let id = conn.last_insert_rowid();
                 ids.push(QueueId(u64::try_from(id).map_err(|_| corrupt("OutlookSyncTable", "Id", id))?));
             }
             Ok(ids)
@@ -517,6 +640,23 @@ impl SyncCache {
     }
 }
 
+/// The `Side` column: the side's name as `Debug` spells it.
+fn side_name(side: Side) -> &'static str {
+    match side {
+        Side::Crm => "Crm",
+        Side::Outlook => "Outlook",
+    }
+}
+
+/// The `Kind` column: the kind's name as `Debug` spells it.
+fn kind_name(kind: ChangeKind) -> &'static str {
+    match kind {
+        ChangeKind::Create => "Create",
+        ChangeKind::Update => "Update",
+        ChangeKind::Delete => "Delete",
+    }
+}
+
 /// Column `i` of `row` as text, borrowed from the row; anything else is a corrupt value.
 fn text<'r>(
     row: &'r rusqlite::Row<'_>,
@@ -528,16 +668,32 @@ fn text<'r>(
     value.as_str().map_err(|_| corrupt(table, column, format!("{value:?}")))
 }
 
+/// Column `i` of `row` as text or NULL, borrowed from the row. Anything else fails as reading it
+/// as an `Option<String>` does (the same error).
+fn optional_text<'r>(row: &'r rusqlite::Row<'_>, i: usize) -> Result<Option<&'r str>, CacheError> {
+    if let Ok(text) = row.get_ref(i)?.as_str_or_null() {
+        return Ok(text);
+    }
+    let typed: Option<String> = row.get(i)?;
+    Err(CacheError::Sqlite(rusqlite::Error::InvalidColumnType(
+        i,
+        format!("text read as {typed:?}, not as text"),
+        rusqlite::types::Type::Text,
+    )))
+}
+
+/// A queue entry from its row's columns; `change` decodes the `Change` (checked after the id,
+/// before the attempts).
 fn queue_entry(
     table: &'static str,
     id: i64,
-    change: &str,
+    change: impl FnOnce() -> Result<Change, CacheError>,
     attempts: i64,
     last_error: Option<String>,
 ) -> Result<QueueEntry, CacheError> {
     Ok(QueueEntry {
         id: QueueId(u64::try_from(id).map_err(|_| corrupt(table, "Id", id))?),
-        change: serde_json::from_str::<Change>(change).map_err(|_| corrupt(table, "Change", change))?,
+        change: change()?,
         attempts: u32::try_from(attempts).map_err(|_| corrupt(table, "Attempts", attempts))?,
         last_error,
     })
@@ -594,4 +750,19 @@ fn write_mapping_row(
 
 fn to_json<T: serde::Serialize>(value: &T) -> Result<String, CacheError> {
     serde_json::to_string(value).map_err(|e| corrupt("IdMappingTable", "Base", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn side_and_kind_columns_hold_the_debug_names() {
+        for side in [Side::Crm, Side::Outlook] {
+            assert_eq!(side_name(side), format!("{side:?}"));
+        }
+        for kind in [ChangeKind::Create, ChangeKind::Update, ChangeKind::Delete] {
+            assert_eq!(kind_name(kind), format!("{kind:?}"));
+        }
+    }
 }

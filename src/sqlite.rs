@@ -1,7 +1,12 @@
 //! Settings every SQLite store of this crate (server, cache, mailbox file) puts on its
-//! connection, so the three behave alike under load.
+//! connection, so the three behave alike under load; and in-memory stores copied from a
+//! per-thread template instead of built statement by statement.
+
+use std::cell::RefCell;
+use std::thread::LocalKey;
 
 use rusqlite::Connection;
+use rusqlite::backup::{Backup, StepResult};
 use rusqlite::config::DbConfig;
 
 /// Prepared statements kept per connection. The server keeps one set per `SyncEntry` table in
@@ -22,4 +27,40 @@ pub(crate) fn keep_plans(conn: &Connection) -> rusqlite::Result<()> {
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
     conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
     Ok(())
+}
+
+/// A per-thread template of one kind of in-memory store: the empty database its schema makes.
+pub(crate) type Template = LocalKey<RefCell<Option<Connection>>>;
+
+/// A new in-memory database holding a copy of `template`: the database `create` makes on an
+/// empty in-memory connection, made once per thread and then copied page by page (SQLite's
+/// backup), the header's `application_id` and `user_version` included. Building a schema runs
+/// its DDL (an `ALTER TABLE` parses the whole schema again); a copy only moves a few pages, and
+/// the simulator makes eleven stores per seed. The copy is the database `create` would have
+/// made; the connection's own settings are the caller's to put on it.
+pub(crate) fn in_memory_from(
+    template: &'static Template,
+    create: impl FnOnce(&Connection) -> rusqlite::Result<()>,
+) -> rusqlite::Result<Connection> {
+    let mut conn = Connection::open_in_memory()?;
+    template.with(|cell| {
+        let mut kept = cell.borrow_mut();
+        let source: &Connection = match &mut *kept {
+            Some(source) => source,
+            empty => {
+                let fresh = Connection::open_in_memory()?;
+                create(&fresh)?;
+                empty.insert(fresh)
+            }
+        };
+        match Backup::new(source, &mut conn)?.step(-1)? {
+            StepResult::Done => Ok(()),
+            // A private in-memory database is never busy or locked, and -1 copies every page.
+            stopped => Err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+                Some(format!("copying the template stopped: {stopped:?}")),
+            )),
+        }
+    })?;
+    Ok(conn)
 }

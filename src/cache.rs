@@ -14,12 +14,12 @@ use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
+use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 use crate::change::{Change, ChangeKind, Side};
 use crate::entity::ObjectTypeCode;
 use crate::ids::{CrmId, EntryId};
-use crate::index::IdMap;
 use crate::mapping::{MappingEntry, MappingError};
 use crate::plan::{Action, LinkChange};
 use crate::queue::{QueueEntry, QueueError, QueueId};
@@ -120,21 +120,60 @@ pub struct SyncCache {
     decoded: RefCell<Decoded>,
 }
 
-/// Rows [`SyncCache::read_state`] decoded, by row key, each with the exact text it was decoded
-/// from. Decoding is a pure function of the text, so a row read again with byte-equal text is
-/// the same value: the next read clones it instead of parsing its JSON again (a queue entry's
-/// `Change`, a pair's base fields). Every read compares the text first, so a row that changed
-/// (written by this connection or another) is decoded afresh; a read keeps only the rows it
-/// saw, so this holds no more than one state's rows.
+/// Rows [`SyncCache::read_state`] decoded, each with its key and the exact values it was
+/// decoded from, in the order the read returns them (by key). Decoding is a pure function of
+/// the stored values, so a row read again with byte-equal values is the same value: the next
+/// read clones it instead of parsing its JSON again (a queue entry's `Change`, a pair's base
+/// fields). A row that changed (written by this connection or another) is decoded afresh; a
+/// read keeps only the rows it saw, so this holds no more than one state's rows.
 #[derive(Default)]
 struct Decoded {
-    queue: IdMap<i64, (String, Change)>,
-    ignored: IdMap<i64, (String, Change)>,
-    mapping: IdMap<String, (MappingText, MappingEntry)>,
+    queue: Vec<(i64, (String, Change))>,
+    ignored: Vec<(i64, (String, Change))>,
+    mapping: Vec<(String, (MappingText, MappingEntry))>,
+}
+
+/// The previous read's rows of one table, walked in key order beside the rows of this read.
+struct Known<K, T>(std::iter::Peekable<std::vec::IntoIter<(K, T)>>);
+
+impl<K, T> Known<K, T> {
+    fn new(rows: Vec<(K, T)>) -> Self {
+        Known(rows.into_iter().peekable())
+    }
+
+    /// The row whose key `order` finds equal (it orders a known key against the key sought),
+    /// passing over the rows before it: keys come in ascending order in both reads. A key out
+    /// of order only misses, and its row is decoded afresh.
+    fn take(&mut self, order: impl Fn(&K) -> std::cmp::Ordering) -> Option<(K, T)> {
+        while self.0.next_if(|(k, _)| order(k).is_lt()).is_some() {}
+        self.0.next_if(|(k, _)| order(k).is_eq())
+    }
+}
+
+/// Whether column `i` of `row` is the text `known`, byte for byte (so valid UTF-8).
+fn same_text(row: &rusqlite::Row<'_>, i: usize, known: &str) -> bool {
+    matches!(row.get_ref(i), Ok(ValueRef::Text(b)) if b == known.as_bytes())
+}
+
+/// Whether column `i` of `row` is NULL for `None`, else the text `known`, byte for byte.
+fn same_optional_text(row: &rusqlite::Row<'_>, i: usize, known: Option<&str>) -> bool {
+    match (row.get_ref(i), known) {
+        (Ok(ValueRef::Null), None) => true,
+        (Ok(ValueRef::Text(b)), Some(known)) => b == known.as_bytes(),
+        _ => false,
+    }
+}
+
+/// Whether column `i` of `row` is NULL for `None`, else the integer `known`.
+fn same_optional_integer(row: &rusqlite::Row<'_>, i: usize, known: Option<i64>) -> bool {
+    match (row.get_ref(i), known) {
+        (Ok(ValueRef::Null), None) => true,
+        (Ok(ValueRef::Integer(v)), Some(known)) => v == known,
+        _ => false,
+    }
 }
 
 /// The columns of an `IdMappingTable` row as stored (the key, `CrmId`, aside).
-#[derive(PartialEq, Eq)]
 struct MappingText {
     entry_id: String,
     otc: i64,
@@ -146,14 +185,15 @@ struct MappingText {
 }
 
 impl MappingText {
-    fn is(&self, row: &MappingRow<'_>) -> bool {
-        self.entry_id == row.entry_id
-            && self.otc == row.otc
-            && self.base == row.base
-            && self.goid.as_deref() == row.goid
-            && self.role == row.role
-            && self.status == row.status
-            && self.version == row.version
+    /// Whether `row` holds exactly these values.
+    fn is_in(&self, row: &rusqlite::Row<'_>) -> bool {
+        same_text(row, 1, &self.entry_id)
+            && same_optional_integer(row, 2, Some(self.otc))
+            && same_text(row, 3, &self.base)
+            && same_optional_text(row, 4, self.goid.as_deref())
+            && same_text(row, 5, &self.role)
+            && same_text(row, 6, &self.status)
+            && same_optional_integer(row, 7, self.version)
     }
 }
 
@@ -169,7 +209,17 @@ struct MappingRow<'r> {
     version: Option<i64>,
 }
 
-impl MappingRow<'_> {
+impl<'r> MappingRow<'r> {
+    /// Reads the row's columns, checking each one's type.
+    fn read(row: &'r rusqlite::Row<'_>) -> Result<MappingRow<'r>, CacheError> {
+        let t = "IdMappingTable";
+        let (crm_id, entry_id, base) =
+            (text(row, 0, t, "CrmId")?, text(row, 1, t, "EntryId")?, text(row, 3, t, "Base")?);
+        let (otc, goid, version) = (row.get(2)?, optional_text(row, 4)?, row.get(7)?);
+        let (role, status) = (text(row, 5, t, "Role")?, text(row, 6, t, "Status")?);
+        Ok(MappingRow { crm_id, entry_id, otc, base, goid, role, status, version })
+    }
+
     fn to_text(&self) -> MappingText {
         MappingText {
             entry_id: self.entry_id.to_owned(),
@@ -210,24 +260,41 @@ impl MappingRow<'_> {
     }
 }
 
-/// The `Change` of a queue or ignored-error row `id` whose text is `text`: the one decoded
-/// before from the same text (`before`), else decoded now; either way kept in `next`.
-fn change_of(
+/// Reads a queue or ignored-error row's `Change`: the one `known` decoded from the same text,
+/// else decoded now from the row's column 1. Returns the row's id, how to get the change
+/// (checked after the id, as [`queue_entry`] does), its attempts and its last error; the
+/// change is kept in `next`.
+type ChangeRow<'r> = (i64, Result<(String, Change), &'r str>, i64, Option<String>);
+
+fn change_row<'r>(
     table: &'static str,
-    before: &mut IdMap<i64, (String, Change)>,
-    next: &mut IdMap<i64, (String, Change)>,
+    row: &'r rusqlite::Row<'_>,
+    known: &mut Known<i64, (String, Change)>,
+) -> Result<ChangeRow<'r>, CacheError> {
+    let id: i64 = row.get(0)?;
+    let known = known.take(|k| k.cmp(&id)).filter(|(_, (text, _))| same_text(row, 1, text));
+    let change = match known {
+        Some((_, kept)) => Ok(kept),
+        None => Err(text(row, 1, table, "Change")?),
+    };
+    Ok((id, change, row.get(2)?, row.get(3)?))
+}
+
+/// The change of a row read by [`change_row`], kept in `next` under `id`.
+fn decode_change(
+    table: &'static str,
     id: i64,
-    text: &str,
+    change: Result<(String, Change), &str>,
+    next: &mut Vec<(i64, (String, Change))>,
 ) -> Result<Change, CacheError> {
-    let kept = match before.remove(&id) {
-        Some((known, change)) if known == text => (known, change),
-        _ => {
+    let (text, change) = match change {
+        Ok(kept) => kept,
+        Err(text) => {
             let change = serde_json::from_str::<Change>(text).map_err(|_| corrupt(table, "Change", text))?;
             (text.to_owned(), change)
         }
     };
-    let change = kept.1.clone();
-    next.insert(id, kept);
+    next.push((id, (text, change.clone())));
     Ok(change)
 }
 
@@ -397,50 +464,50 @@ impl SyncCache {
     }
 
     fn read_state(&self) -> Result<SyncState, CacheError> {
-        let mut before = self.decoded.take();
+        let before = self.decoded.take();
         let mut next = Decoded::default();
         let mut state = SyncState::default();
+        let mut known = Known::new(before.queue);
         let mut stmt = self
             .conn
             .prepare_cached("SELECT Id, Change, Attempts, LastError FROM OutlookSyncTable ORDER BY Id")?;
         let mut rows = stmt.query([])?;
         while let Some(row) = rows.next()? {
             let t = "OutlookSyncTable";
-            let (id, change, attempts, last_error) =
-                (row.get(0)?, text(row, 1, t, "Change")?, row.get(2)?, row.get(3)?);
-            let change = || change_of(t, &mut before.queue, &mut next.queue, id, change);
+            let (id, change, attempts, last_error) = change_row(t, row, &mut known)?;
+            let change = || decode_change(t, id, change, &mut next.queue);
             state.queue.insert(queue_entry(t, id, change, attempts, last_error)?)?;
         }
+        let mut known = Known::new(before.mapping);
         let mut stmt = self.conn.prepare_cached(
             "SELECT CrmId, EntryId, ObjectTypeCode, Base, Goid, Role, Status, CrmVersion FROM IdMappingTable \
              ORDER BY CrmId",
         )?;
         let mut rows = stmt.query([])?;
         while let Some(row) = rows.next()? {
-            let t = "IdMappingTable";
-            let (crm_id, entry_id, base) =
-                (text(row, 0, t, "CrmId")?, text(row, 1, t, "EntryId")?, text(row, 3, t, "Base")?);
-            let (otc, goid, version): (i64, Option<&str>, Option<i64>) =
-                (row.get(2)?, optional_text(row, 4)?, row.get(7)?);
-            let (role, status) = (text(row, 5, t, "Role")?, text(row, 6, t, "Status")?);
-            let row = MappingRow { crm_id, entry_id, otc, base, goid, role, status, version };
-            let kept = match before.mapping.remove_entry(crm_id) {
-                Some((key, (known, entry))) if known.is(&row) => (key, (known, entry)),
-                _ => (crm_id.to_owned(), (row.to_text(), row.decode()?)),
+            let kept = match row.get_ref(0)? {
+                ValueRef::Text(key) => known.take(|k| k.as_bytes().cmp(key)),
+                _ => None,
             };
-            let entry = kept.1.1.clone();
-            next.mapping.insert(kept.0, kept.1);
-            state.mapping.insert(entry)?;
+            let (key, (text, entry)) = match kept.filter(|(_, (text, _))| text.is_in(row)) {
+                Some(kept) => kept,
+                None => {
+                    let read = MappingRow::read(row)?;
+                    (read.crm_id.to_owned(), (read.to_text(), read.decode()?))
+                }
+            };
+            state.mapping.insert(entry.clone())?;
+            next.mapping.push((key, (text, entry)));
         }
+        let mut known = Known::new(before.ignored);
         let mut stmt = self
             .conn
             .prepare_cached("SELECT Id, Change, Attempts, LastError, Error FROM IgnoredErrors ORDER BY Id")?;
         let mut rows = stmt.query([])?;
         while let Some(row) = rows.next()? {
             let t = "IgnoredErrors";
-            let (id, change, attempts, last_error) =
-                (row.get(0)?, text(row, 1, t, "Change")?, row.get(2)?, row.get(3)?);
-            let change = || change_of(t, &mut before.ignored, &mut next.ignored, id, change);
+            let (id, change, attempts, last_error) = change_row(t, row, &mut known)?;
+            let change = || decode_change(t, id, change, &mut next.ignored);
             let entry = queue_entry(t, id, change, attempts, last_error)?;
             state.ignored.push(IgnoredError { entry, error: row.get(4)? });
         }

@@ -111,10 +111,11 @@ pub struct SyncCache {
     /// Whether [`SyncCache::load`] may answer from `last_load` (see [`SyncCache::reuse_loads`]).
     reuse_loads: bool,
     /// What the last committed-state load read (or a finished run left, see
-    /// [`SyncCache::remember`]), with SQLite's `data_version` at the time. Emptied by every
-    /// method that writes (they all take `&mut self` and go through [`SyncCache::writer`]), so
-    /// it can only be stale if another connection wrote the file, which `data_version` reveals.
-    last_load: RefCell<Option<(i64, Rc<SyncState>)>>,
+    /// [`SyncCache::remember`]), with SQLite's `data_version` at the time and whether it was
+    /// read from the file. Emptied by every method that writes (they all take `&mut self` and
+    /// go through [`SyncCache::writer`]), so it can only be stale if another connection wrote
+    /// the file, which `data_version` reveals.
+    last_load: RefCell<Option<(i64, Rc<SyncState>, bool)>>,
     /// The rows the last full read decoded, with the text each was decoded from (see
     /// [`Decoded`]).
     decoded: RefCell<Decoded>,
@@ -413,7 +414,7 @@ impl SyncCache {
     pub fn remember(&mut self, state: SyncState) -> Result<(), CacheError> {
         if self.settled() {
             let version = self.data_version()?;
-            *self.last_load.get_mut() = Some((version, Rc::new(state)));
+            *self.last_load.get_mut() = Some((version, Rc::new(state), false));
         }
         Ok(())
     }
@@ -434,7 +435,23 @@ impl SyncCache {
             return Ok(None);
         }
         let version = self.data_version()?;
-        Ok(self.last_load.borrow().as_ref().filter(|(seen, _)| *seen == version).map(|(_, s)| s.clone()))
+        Ok(self.last_load.borrow().as_ref().filter(|(seen, ..)| *seen == version).map(|(_, s, _)| s.clone()))
+    }
+
+    /// Whether `state` (from [`load_shared`](SyncCache::load_shared)) is what a read of the file
+    /// returned, with nothing written since: then [`load_from_file`](SyncCache::load_from_file)
+    /// would read the same rows again, and a checker comparing the two has nothing to compare.
+    /// `false` for a state a finished run left ([`remember`](SyncCache::remember)).
+    pub fn is_as_read_from_file(&self, state: &Rc<SyncState>) -> Result<bool, CacheError> {
+        if !self.settled() {
+            return Ok(false);
+        }
+        let version = self.data_version()?;
+        Ok(self
+            .last_load
+            .borrow()
+            .as_ref()
+            .is_some_and(|(seen, kept, read)| *seen == version && *read && Rc::ptr_eq(kept, state)))
     }
 
     /// Reads the state, and keeps it when loads may be kept.
@@ -443,7 +460,7 @@ impl SyncCache {
         let version = if self.settled() { Some(self.data_version()?) } else { None };
         let state = Rc::new(self.read_state()?);
         if let Some(version) = version {
-            *self.last_load.borrow_mut() = Some((version, state.clone()));
+            *self.last_load.borrow_mut() = Some((version, state.clone(), true));
         }
         Ok(state)
     }

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use crmsync::ids::{CrmId, VersionNumber};
+use crmsync::index::IdMap;
 use crmsync::server::{ServerError, ServerRecord, ServerStore, SystemUserId};
 
 /// Every live record as of `seen`, by `CrmId`. Records are shared (`Rc`): a reader after every
@@ -24,6 +25,9 @@ pub struct Mirror {
 #[derive(Debug, Default)]
 struct Held {
     records: BTreeMap<CrmId, Rc<ServerRecord>>,
+    /// The keys of `records`, to ask (the checks ask about every record the model knows after
+    /// every run; never iterated).
+    live: IdMap<CrmId, ()>,
     seen: VersionNumber,
 }
 
@@ -51,10 +55,12 @@ impl Mirror {
         let changed = server.changed_since(held.seen)?;
         for record in changed.written {
             held.seen = held.seen.max(record.version);
+            held.live.insert(record.crm_id, ());
             held.records.insert(record.crm_id, Rc::new(record));
         }
         for (crm_id, version) in changed.deleted {
             held.seen = held.seen.max(version);
+            held.live.remove(&crm_id);
             held.records.remove(&crm_id);
         }
         Ok(())
@@ -66,7 +72,7 @@ pub struct Live<'a>(Ref<'a, Held>);
 
 impl Live<'_> {
     pub fn contains(&self, crm_id: CrmId) -> bool {
-        self.0.records.contains_key(&crm_id)
+        self.0.live.contains_key(&crm_id)
     }
 }
 

@@ -24,7 +24,7 @@ pub struct Mirror {
 
 #[derive(Debug, Default)]
 struct Held {
-    records: BTreeMap<CrmId, Rc<ServerRecord>>,
+    records: BTreeMap<CrmId, Kept>,
     /// The keys of `records`, to ask (the checks ask about every record the model knows after
     /// every run; never iterated).
     live: IdMap<CrmId, ()>,
@@ -40,7 +40,8 @@ impl Mirror {
         user: SystemUserId,
     ) -> Result<Vec<Rc<ServerRecord>>, ServerError> {
         self.refresh(server)?;
-        Ok(self.inner.borrow().records.values().filter(|r| r.is_in_filter_of(user)).cloned().collect())
+        let held = self.inner.borrow();
+        Ok(held.records.values().filter(|k| k.is_in_filter_of(user)).map(|k| k.record.clone()).collect())
     }
 
     /// The ids of the server's live records, as a set to ask (equal to `server.record_ids()`).
@@ -56,7 +57,7 @@ impl Mirror {
         for record in changed.written {
             held.seen = held.seen.max(record.version);
             held.live.insert(record.crm_id, ());
-            held.records.insert(record.crm_id, Rc::new(record));
+            held.records.insert(record.crm_id, Kept::new(record));
         }
         for (crm_id, version) in changed.deleted {
             held.seen = held.seen.max(version);
@@ -64,6 +65,28 @@ impl Mirror {
             held.records.remove(&crm_id);
         }
         Ok(())
+    }
+}
+
+/// A record as the mirror keeps it: beside it, what the filter asks of every record, so that
+/// listing a user's filter reads the record itself only for a meeting with attendees.
+#[derive(Debug)]
+struct Kept {
+    owner: SystemUserId,
+    /// A calendar item with attendees: whether it is in a filter depends on them.
+    attended: bool,
+    record: Rc<ServerRecord>,
+}
+
+impl Kept {
+    fn new(record: ServerRecord) -> Kept {
+        let attended = record.object_type.is_calendar() && !record.attendees.is_empty();
+        Kept { owner: record.owner, attended, record: Rc::new(record) }
+    }
+
+    /// [`ServerRecord::is_in_filter_of`].
+    fn is_in_filter_of(&self, user: SystemUserId) -> bool {
+        self.owner == user || (self.attended && self.record.is_in_filter_of(user))
     }
 }
 

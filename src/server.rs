@@ -641,12 +641,18 @@ impl ServerStore {
         &self.conn
     }
 
+    /// Takes the next version. Every caller is inside its transaction, which holds the write
+    /// lock from the `UPDATE` on, so the `SELECT` reads the value this `UPDATE` wrote. (Two
+    /// statements rather than `UPDATE ... RETURNING`, which fills a temporary table for its one
+    /// row: every server write takes a version.)
     fn next_version(&self) -> Result<VersionNumber, ServerError> {
+        debug_assert!(!self.conn.is_autocommit(), "a version is taken inside a transaction");
+        self.conn
+            .prepare_cached("UPDATE Counter SET Value = Value + 1 WHERE Name = 'VersionNumber'")?
+            .execute([])?;
         let v: i64 = self
             .conn
-            .prepare_cached(
-                "UPDATE Counter SET Value = Value + 1 WHERE Name = 'VersionNumber' RETURNING Value",
-            )?
+            .prepare_cached("SELECT Value FROM Counter WHERE Name = 'VersionNumber'")?
             .query_row([], |r| r.get(0))?;
         version("Counter", v)
     }

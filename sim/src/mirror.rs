@@ -44,6 +44,18 @@ impl Mirror {
         Ok(held.records.values().filter(|k| k.is_in_filter_of(user)).map(|k| k.record.clone()).collect())
     }
 
+    /// The live records `user` owns, in `CrmId` order: the records of
+    /// [`in_filter`](Mirror::in_filter) whose owner is `user`.
+    pub fn owned_by(
+        &self,
+        server: &ServerStore,
+        user: SystemUserId,
+    ) -> Result<Vec<Rc<ServerRecord>>, ServerError> {
+        self.refresh(server)?;
+        let held = self.inner.borrow();
+        Ok(held.records.values().filter(|k| k.owner == user).map(|k| k.record.clone()).collect())
+    }
+
     /// The ids of the server's live records, as a set to ask (equal to `server.record_ids()`).
     pub fn live(&self, server: &ServerStore) -> Result<Live<'_>, ServerError> {
         self.refresh(server)?;
@@ -145,6 +157,10 @@ mod tests {
                 let mirrored: Vec<ServerRecord> =
                     mirror.in_filter(server, u).unwrap().into_iter().map(Rc::unwrap_or_clone).collect();
                 assert_eq!(mirrored, server.records_in_filter(u).unwrap());
+                let owned: Vec<ServerRecord> = mirrored.into_iter().filter(|r| r.owner == u).collect();
+                let mirrored: Vec<ServerRecord> =
+                    mirror.owned_by(server, u).unwrap().into_iter().map(Rc::unwrap_or_clone).collect();
+                assert_eq!(mirrored, owned);
             }
             for n in [10, 11, 12] {
                 let crm_id = CrmId::new(Uuid::from_u128(n)).unwrap();

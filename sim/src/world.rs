@@ -687,8 +687,7 @@ impl World {
     fn crm_edit(&mut self, u: usize) -> Result<(), WorldError> {
         let who = format!("crm/u{u}");
         let user = self.users[u].id;
-        let records: Vec<Rc<ServerRecord>> =
-            self.records_in_filter(u)?.into_iter().filter(|r| r.owner == user).collect();
+        let records = self.mirror.owned_by(&self.server, user)?;
         let roll = self.edits.below(100);
         let Some(record) = self.edits.pick(&records).cloned() else {
             return self.crm_create(u, &who);

@@ -116,7 +116,7 @@ pub struct SyncCache {
     /// go through [`SyncCache::writer`]), so it can only be stale if another connection wrote
     /// the file, which `data_version` reveals.
     last_load: RefCell<Option<(i64, Rc<SyncState>, bool)>>,
-    /// The rows the last full read decoded, with the text each was decoded from (see
+    /// The rows the last read of the file decoded, with the values each was decoded from (see
     /// [`Decoded`]).
     decoded: RefCell<Decoded>,
 }
@@ -261,12 +261,13 @@ impl<'r> MappingRow<'r> {
     }
 }
 
-/// Reads a queue or ignored-error row's `Change`: the one `known` decoded from the same text,
-/// else decoded now from the row's column 1. Returns the row's id, how to get the change
-/// (checked after the id, as [`queue_entry`] does), its attempts and its last error; the
-/// change is kept in `next`.
+/// A queue or ignored-error row as [`change_row`] reads it: its id, its change (as decoded
+/// before from byte-equal text, or the text to decode), its attempts and its last error.
 type ChangeRow<'r> = (i64, Result<(String, Change), &'r str>, i64, Option<String>);
 
+/// Reads a queue or ignored-error row, its columns in the order the rows were always read.
+/// The change is decoded later, by [`decode_change`] from within [`queue_entry`], so that a
+/// corrupt row fails on the same column as before (the id first).
 fn change_row<'r>(
     table: &'static str,
     row: &'r rusqlite::Row<'_>,
@@ -839,6 +840,31 @@ fn to_json<T: serde::Serialize>(value: &T) -> Result<String, CacheError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::change::{ChangeOp, DeleteReason};
+    use crate::ids::VersionNumber;
+
+    fn deleted(version: u64) -> Change {
+        let id = CrmId::new(uuid::Uuid::from_u128(7)).unwrap();
+        Change::crm(id, ObjectTypeCode::Task, VersionNumber(version), ChangeOp::Delete(DeleteReason::Deleted))
+            .unwrap()
+    }
+
+    #[test]
+    fn a_row_read_again_is_decoded_again_once_its_text_changed() {
+        let mut cache = SyncCache::in_memory().unwrap();
+        let mut state = SyncState::default();
+        cache.enqueue(&mut state, &[deleted(1)]).unwrap();
+        assert_eq!(cache.load().unwrap(), state);
+        assert_eq!(cache.load().unwrap(), state, "a row read again with the same text");
+        // Another writer (here: behind the cache's back) changes the row's text.
+        let newer = serde_json::to_string(&deleted(2)).unwrap();
+        cache.conn.execute("UPDATE OutlookSyncTable SET Change = ?1", [&newer]).unwrap();
+        let loaded = cache.load().unwrap();
+        assert_eq!(loaded.queue.entries()[0].change, deleted(2));
+        // And a corrupt text is refused as before, naming the value.
+        cache.conn.execute("UPDATE OutlookSyncTable SET Change = 'nope'", []).unwrap();
+        assert!(matches!(cache.load(), Err(CacheError::Corrupt { column: "Change", .. })));
+    }
 
     #[test]
     fn side_and_kind_columns_hold_the_debug_names() {

@@ -64,3 +64,32 @@ pub(crate) fn in_memory_from(
     })?;
     Ok(conn)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    thread_local! {
+        static TEMPLATE: RefCell<Option<Connection>> = const { RefCell::new(None) };
+    }
+
+    fn make(conn: &Connection) -> rusqlite::Result<()> {
+        conn.execute_batch("CREATE TABLE t (x); PRAGMA user_version = 7; PRAGMA application_id = 5;")
+    }
+
+    #[test]
+    fn copies_hold_the_template_and_are_independent() {
+        let a = in_memory_from(&TEMPLATE, make).unwrap();
+        let b = in_memory_from(&TEMPLATE, |_| panic!("the template is made once per thread")).unwrap();
+        a.execute("INSERT INTO t VALUES (1)", []).unwrap();
+        let count =
+            |c: &Connection| c.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0)).unwrap();
+        assert_eq!((count(&a), count(&b)), (1, 0));
+        for pragma in ["user_version", "application_id"] {
+            let value: i64 = b.query_row(&format!("PRAGMA {pragma}"), [], |r| r.get(0)).unwrap();
+            assert_eq!(value, if pragma == "user_version" { 7 } else { 5 });
+        }
+        let c = in_memory_from(&TEMPLATE, make).unwrap();
+        assert_eq!(count(&c), 0, "a copy made after a write to another copy");
+    }
+}

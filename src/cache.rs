@@ -14,9 +14,10 @@ use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
+use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
-use crate::change::{ActivityStatus, Change, Role};
+use crate::change::{ActivityStatus, Change, ChangeKind, Role, Side};
 use crate::entity::ObjectTypeCode;
 use crate::ids::{CrmId, EntryId};
 use crate::mapping::{MappingEntry, MappingError};
@@ -94,6 +95,14 @@ CREATE TABLE IgnoredErrors (
 CREATE TABLE SyncMeta (Key TEXT PRIMARY KEY, Value TEXT NOT NULL);
 ";
 
+/// Makes the current schema in an empty database, in one transaction.
+fn create_schema(conn: &Connection) -> Result<(), rusqlite::Error> {
+    conn.execute_batch(&format!(
+        "BEGIN; {SCHEMA_V1} {MIGRATE_V1_TO_V2} PRAGMA application_id = {CACHE_APPLICATION_ID}; \
+         PRAGMA user_version = {CACHE_SCHEMA_VERSION}; COMMIT;"
+    ))
+}
+
 /// The `OutlookSyncCache` file.
 pub struct SyncCache {
     conn: Connection,
@@ -102,10 +111,196 @@ pub struct SyncCache {
     /// Whether [`SyncCache::load`] may answer from `last_load` (see [`SyncCache::reuse_loads`]).
     reuse_loads: bool,
     /// What the last committed-state load read (or a finished run left, see
-    /// [`SyncCache::remember`]), with SQLite's `data_version` at the time. Emptied by every
-    /// method that writes (they all take `&mut self` and go through [`SyncCache::writer`]), so
-    /// it can only be stale if another connection wrote the file, which `data_version` reveals.
-    last_load: RefCell<Option<(i64, Rc<SyncState>)>>,
+    /// [`SyncCache::remember`]), with SQLite's `data_version` at the time and whether it was
+    /// read from the file. Emptied by every method that writes (they all take `&mut self` and
+    /// go through [`SyncCache::writer`]), so it can only be stale if another connection wrote
+    /// the file, which `data_version` reveals.
+    last_load: RefCell<Option<(i64, Rc<SyncState>, bool)>>,
+    /// The rows the last read of the file decoded, with the values each was decoded from (see
+    /// [`Decoded`]); kept only while loads may be reused ([`SyncCache::reuse_loads`]).
+    decoded: RefCell<Decoded>,
+}
+
+/// Rows [`SyncCache::read_state`] decoded, each with its key and the exact values it was
+/// decoded from, in the order the read returns them (by key). Decoding is a pure function of
+/// the stored values, so a row read again with byte-equal values is the same value: the next
+/// read clones it instead of parsing its JSON again (a queue entry's `Change`, a pair's base
+/// fields). A row that changed (written by this connection or another) is decoded afresh; a
+/// read keeps only the rows it saw, so this holds no more than one state's rows.
+#[derive(Default)]
+struct Decoded {
+    queue: Vec<(i64, (String, Change))>,
+    ignored: Vec<(i64, (String, Change))>,
+    mapping: Vec<(String, (MappingText, MappingEntry))>,
+}
+
+/// The previous read's rows of one table, walked in key order beside the rows of this read.
+struct Known<K, T>(std::iter::Peekable<std::vec::IntoIter<(K, T)>>);
+
+impl<K, T> Known<K, T> {
+    fn new(rows: Vec<(K, T)>) -> Self {
+        Known(rows.into_iter().peekable())
+    }
+
+    /// The row whose key `order` finds equal (it orders a known key against the key sought),
+    /// passing over the rows before it: keys come in ascending order in both reads. A key out
+    /// of order only misses, and its row is decoded afresh.
+    fn take(&mut self, order: impl Fn(&K) -> std::cmp::Ordering) -> Option<(K, T)> {
+        while self.0.next_if(|(k, _)| order(k).is_lt()).is_some() {}
+        self.0.next_if(|(k, _)| order(k).is_eq())
+    }
+}
+
+/// Whether column `i` of `row` is the text `known`, byte for byte (so valid UTF-8).
+fn same_text(row: &rusqlite::Row<'_>, i: usize, known: &str) -> bool {
+    matches!(row.get_ref(i), Ok(ValueRef::Text(b)) if b == known.as_bytes())
+}
+
+/// Whether column `i` of `row` is NULL for `None`, else the text `known`, byte for byte.
+fn same_optional_text(row: &rusqlite::Row<'_>, i: usize, known: Option<&str>) -> bool {
+    match (row.get_ref(i), known) {
+        (Ok(ValueRef::Null), None) => true,
+        (Ok(ValueRef::Text(b)), Some(known)) => b == known.as_bytes(),
+        _ => false,
+    }
+}
+
+/// Whether column `i` of `row` is NULL for `None`, else the integer `known`.
+fn same_optional_integer(row: &rusqlite::Row<'_>, i: usize, known: Option<i64>) -> bool {
+    match (row.get_ref(i), known) {
+        (Ok(ValueRef::Null), None) => true,
+        (Ok(ValueRef::Integer(v)), Some(known)) => v == known,
+        _ => false,
+    }
+}
+
+/// The columns of an `IdMappingTable` row as stored (the key, `CrmId`, aside).
+struct MappingText {
+    entry_id: String,
+    otc: i64,
+    base: String,
+    goid: Option<String>,
+    role: String,
+    status: String,
+    version: Option<i64>,
+}
+
+impl MappingText {
+    /// Whether `row` holds exactly these values.
+    fn is_in(&self, row: &rusqlite::Row<'_>) -> bool {
+        same_text(row, 1, &self.entry_id)
+            && same_optional_integer(row, 2, Some(self.otc))
+            && same_text(row, 3, &self.base)
+            && same_optional_text(row, 4, self.goid.as_deref())
+            && same_text(row, 5, &self.role)
+            && same_text(row, 6, &self.status)
+            && same_optional_integer(row, 7, self.version)
+    }
+}
+
+/// One `IdMappingTable` row as SQLite holds it, borrowed.
+struct MappingRow<'r> {
+    crm_id: &'r str,
+    entry_id: &'r str,
+    otc: i64,
+    base: &'r str,
+    goid: Option<&'r str>,
+    role: &'r str,
+    status: &'r str,
+    version: Option<i64>,
+}
+
+impl<'r> MappingRow<'r> {
+    /// Reads the row's columns, checking each one's type.
+    fn read(row: &'r rusqlite::Row<'_>) -> Result<MappingRow<'r>, CacheError> {
+        let t = "IdMappingTable";
+        let (crm_id, entry_id, base) =
+            (text(row, 0, t, "CrmId")?, text(row, 1, t, "EntryId")?, text(row, 3, t, "Base")?);
+        let (otc, goid, version) = (row.get(2)?, optional_text(row, 4)?, row.get(7)?);
+        let (role, status) = (text(row, 5, t, "Role")?, text(row, 6, t, "Status")?);
+        Ok(MappingRow { crm_id, entry_id, otc, base, goid, role, status, version })
+    }
+
+    fn to_text(&self) -> MappingText {
+        MappingText {
+            entry_id: self.entry_id.to_owned(),
+            otc: self.otc,
+            base: self.base.to_owned(),
+            goid: self.goid.map(str::to_owned),
+            role: self.role.to_owned(),
+            status: self.status.to_owned(),
+            version: self.version,
+        }
+    }
+
+    fn decode(&self) -> Result<MappingEntry, CacheError> {
+        let t = "IdMappingTable";
+        let (crm_id, entry_id, base, otc) = (self.crm_id, self.entry_id, self.base, self.otc);
+        let (role, status) = (self.role, self.status);
+        Ok(MappingEntry {
+            crm_id: crm_id.parse::<CrmId>().map_err(|_| corrupt(t, "CrmId", crm_id))?,
+            entry_id: EntryId::new(entry_id.to_owned()).map_err(|_| corrupt(t, "EntryId", entry_id))?,
+            object_type: u32::try_from(otc)
+                .ok()
+                .and_then(|c| ObjectTypeCode::try_from(c).ok())
+                .ok_or_else(|| corrupt(t, "ObjectTypeCode", otc))?,
+            base: serde_json::from_str(base).map_err(|_| corrupt(t, "Base", base))?,
+            goid: self
+                .goid
+                .map(|g| crate::ids::GlobalObjectId::from_hex(g).map_err(|_| corrupt(t, "Goid", g)))
+                .transpose()?,
+            role: serde_json::from_str(role).map_err(|_| corrupt(t, "Role", role))?,
+            status: serde_json::from_str(status).map_err(|_| corrupt(t, "Status", status))?,
+            crm_version: self
+                .version
+                .map(|v| {
+                    u64::try_from(v).map(crate::ids::VersionNumber).map_err(|_| corrupt(t, "CrmVersion", v))
+                })
+                .transpose()?,
+        })
+    }
+}
+
+/// A queue or ignored-error row as [`change_row`] reads it: its id, its change (as decoded
+/// before from byte-equal text, or the text to decode), its attempts and its last error.
+type ChangeRow<'r> = (i64, Result<(String, Change), &'r str>, i64, Option<String>);
+
+/// Reads a queue or ignored-error row, its columns in the order the rows were always read.
+/// The change is decoded later, by [`decode_change`] from within [`queue_entry`], so that a
+/// corrupt row fails on the same column as before (the id first).
+fn change_row<'r>(
+    table: &'static str,
+    row: &'r rusqlite::Row<'_>,
+    known: &mut Known<i64, (String, Change)>,
+) -> Result<ChangeRow<'r>, CacheError> {
+    let id: i64 = row.get(0)?;
+    let known = known.take(|k| k.cmp(&id)).filter(|(_, (text, _))| same_text(row, 1, text));
+    let change = match known {
+        Some((_, kept)) => Ok(kept),
+        None => Err(text(row, 1, table, "Change")?),
+    };
+    Ok((id, change, row.get(2)?, row.get(3)?))
+}
+
+/// The change of a row read by [`change_row`], kept in `next` under `id`.
+fn decode_change(
+    table: &'static str,
+    id: i64,
+    change: Result<(String, Change), &str>,
+    next: Option<&mut Vec<(i64, (String, Change))>>,
+) -> Result<Change, CacheError> {
+    let (text, change) = match change {
+        Ok(kept) => kept,
+        Err(text) => {
+            let change = serde_json::from_str::<Change>(text).map_err(|_| corrupt(table, "Change", text))?;
+            let Some(_) = next else { return Ok(change) };
+            (text.to_owned(), change)
+        }
+    };
+    if let Some(next) = next {
+        next.push((id, (text, change.clone())));
+    }
+    Ok(change)
 }
 
 impl std::fmt::Debug for SyncCache {
@@ -157,9 +352,15 @@ impl SyncCache {
         conn.pragma_update(None, "journal_mode", "WAL").map_err(sqlite)?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(sqlite)?;
         crate::sqlite::keep_plans(&conn).map_err(sqlite)?;
-        let cache = SyncCache { conn, in_group: false, reuse_loads: false, last_load: RefCell::new(None) };
+        let cache = SyncCache {
+            conn,
+            in_group: false,
+            reuse_loads: false,
+            last_load: RefCell::new(None),
+            decoded: RefCell::new(Decoded::default()),
+        };
         if fresh {
-            cache.create_schema().map_err(sqlite)?;
+            create_schema(&cache.conn).map_err(sqlite)?;
         } else if version == 1 {
             cache.migrate_v1().map_err(sqlite)?;
         }
@@ -168,18 +369,19 @@ impl SyncCache {
 
     /// A cache in memory (tests, the simulator).
     pub fn in_memory() -> Result<SyncCache, rusqlite::Error> {
-        let conn = Connection::open_in_memory()?;
+        thread_local! {
+            static TEMPLATE: RefCell<Option<Connection>> = const { RefCell::new(None) };
+        }
+        let conn = crate::sqlite::in_memory_from(&TEMPLATE, create_schema)?;
         crate::sqlite::keep_plans(&conn)?;
-        let cache = SyncCache { conn, in_group: false, reuse_loads: false, last_load: RefCell::new(None) };
-        cache.create_schema()?;
+        let cache = SyncCache {
+            conn,
+            in_group: false,
+            reuse_loads: false,
+            last_load: RefCell::new(None),
+            decoded: RefCell::new(Decoded::default()),
+        };
         Ok(cache)
-    }
-
-    fn create_schema(&self) -> Result<(), rusqlite::Error> {
-        self.conn.execute_batch(&format!(
-            "BEGIN; {SCHEMA_V1} {MIGRATE_V1_TO_V2} PRAGMA application_id = {CACHE_APPLICATION_ID}; \
-             PRAGMA user_version = {CACHE_SCHEMA_VERSION}; COMMIT;"
-        ))
     }
 
     fn migrate_v1(&self) -> Result<(), rusqlite::Error> {
@@ -216,7 +418,7 @@ impl SyncCache {
     pub fn remember(&mut self, state: SyncState) -> Result<(), CacheError> {
         if self.settled() {
             let version = self.data_version()?;
-            *self.last_load.get_mut() = Some((version, Rc::new(state)));
+            *self.last_load.get_mut() = Some((version, Rc::new(state), false));
         }
         Ok(())
     }
@@ -237,7 +439,23 @@ impl SyncCache {
             return Ok(None);
         }
         let version = self.data_version()?;
-        Ok(self.last_load.borrow().as_ref().filter(|(seen, _)| *seen == version).map(|(_, s)| s.clone()))
+        Ok(self.last_load.borrow().as_ref().filter(|(seen, ..)| *seen == version).map(|(_, s, _)| s.clone()))
+    }
+
+    /// Whether `state` (from [`load_shared`](SyncCache::load_shared)) is what a read of the file
+    /// returned, with nothing written since: then [`load_from_file`](SyncCache::load_from_file)
+    /// would read the same rows again, and a checker comparing the two has nothing to compare.
+    /// `false` for a state a finished run left ([`remember`](SyncCache::remember)).
+    pub fn is_as_read_from_file(&self, state: &Rc<SyncState>) -> Result<bool, CacheError> {
+        if !self.settled() {
+            return Ok(false);
+        }
+        let version = self.data_version()?;
+        Ok(self
+            .last_load
+            .borrow()
+            .as_ref()
+            .is_some_and(|(seen, kept, read)| *seen == version && *read && Rc::ptr_eq(kept, state)))
     }
 
     /// Reads the state, and keeps it when loads may be kept.
@@ -246,7 +464,7 @@ impl SyncCache {
         let version = if self.settled() { Some(self.data_version()?) } else { None };
         let state = Rc::new(self.read_state()?);
         if let Some(version) = version {
-            *self.last_load.borrow_mut() = Some((version, state.clone()));
+            *self.last_load.borrow_mut() = Some((version, state.clone(), true));
         }
         Ok(state)
     }
@@ -267,60 +485,61 @@ impl SyncCache {
     }
 
     fn read_state(&self) -> Result<SyncState, CacheError> {
+        // Decoded rows are kept only where reads repeat (`reuse_loads`, the simulator): a client
+        // reads its cache once a run, and keeping them would only cost it memory.
+        let keep = self.reuse_loads;
+        let before = self.decoded.take();
+        let mut next = Decoded::default();
         let mut state = SyncState::default();
+        let mut known = Known::new(before.queue);
         let mut stmt = self
             .conn
             .prepare_cached("SELECT Id, Change, Attempts, LastError FROM OutlookSyncTable ORDER BY Id")?;
         let mut rows = stmt.query([])?;
         while let Some(row) = rows.next()? {
             let t = "OutlookSyncTable";
-            let entry = queue_entry(t, row.get(0)?, text(row, 1, t, "Change")?, row.get(2)?, row.get(3)?)?;
-            state.queue.insert(entry)?;
+            let (id, change, attempts, last_error) = change_row(t, row, &mut known)?;
+            let change = || decode_change(t, id, change, keep.then_some(&mut next.queue));
+            state.queue.insert(queue_entry(t, id, change, attempts, last_error)?)?;
         }
+        let mut known = Known::new(before.mapping);
         let mut stmt = self.conn.prepare_cached(
             "SELECT CrmId, EntryId, ObjectTypeCode, Base, Goid, Role, Status, CrmVersion FROM IdMappingTable \
              ORDER BY CrmId",
         )?;
         let mut rows = stmt.query([])?;
         while let Some(row) = rows.next()? {
-            let t = "IdMappingTable";
-            let (crm_id, entry_id, base) =
-                (text(row, 0, t, "CrmId")?, text(row, 1, t, "EntryId")?, text(row, 3, t, "Base")?);
-            let (otc, goid, version): (i64, Option<String>, Option<i64>) =
-                (row.get(2)?, row.get(4)?, row.get(7)?);
-            let (role, status) = (text(row, 5, t, "Role")?, text(row, 6, t, "Status")?);
-            let entry = MappingEntry {
-                crm_id: crm_id.parse::<CrmId>().map_err(|_| corrupt(t, "CrmId", crm_id))?,
-                entry_id: EntryId::new(entry_id.to_owned()).map_err(|_| corrupt(t, "EntryId", entry_id))?,
-                object_type: u32::try_from(otc)
-                    .ok()
-                    .and_then(|c| ObjectTypeCode::try_from(c).ok())
-                    .ok_or_else(|| corrupt(t, "ObjectTypeCode", otc))?,
-                base: serde_json::from_str(base).map_err(|_| corrupt(t, "Base", base))?,
-                goid: goid
-                    .map(|g| crate::ids::GlobalObjectId::from_hex(&g).map_err(|_| corrupt(t, "Goid", &g)))
-                    .transpose()?,
-                role: serde_json::from_str(role).map_err(|_| corrupt(t, "Role", role))?,
-                status: serde_json::from_str(status).map_err(|_| corrupt(t, "Status", status))?,
-                crm_version: version
-                    .map(|v| {
-                        u64::try_from(v)
-                            .map(crate::ids::VersionNumber)
-                            .map_err(|_| corrupt(t, "CrmVersion", v))
-                    })
-                    .transpose()?,
+            if !keep {
+                state.mapping.insert(MappingRow::read(row)?.decode()?)?;
+                continue;
+            }
+            let kept = match row.get_ref(0)? {
+                ValueRef::Text(key) => known.take(|k| k.as_bytes().cmp(key)),
+                _ => None,
             };
-            state.mapping.insert(entry)?;
+            let (key, (text, entry)) = match kept.filter(|(_, (text, _))| text.is_in(row)) {
+                Some(kept) => kept,
+                None => {
+                    let read = MappingRow::read(row)?;
+                    (read.crm_id.to_owned(), (read.to_text(), read.decode()?))
+                }
+            };
+            state.mapping.insert(entry.clone())?;
+            next.mapping.push((key, (text, entry)));
         }
+        let mut known = Known::new(before.ignored);
         let mut stmt = self
             .conn
             .prepare_cached("SELECT Id, Change, Attempts, LastError, Error FROM IgnoredErrors ORDER BY Id")?;
         let mut rows = stmt.query([])?;
         while let Some(row) = rows.next()? {
             let t = "IgnoredErrors";
-            let entry = queue_entry(t, row.get(0)?, text(row, 1, t, "Change")?, row.get(2)?, row.get(3)?)?;
+            let (id, change, attempts, last_error) = change_row(t, row, &mut known)?;
+            let change = || decode_change(t, id, change, keep.then_some(&mut next.ignored));
+            let entry = queue_entry(t, id, change, attempts, last_error)?;
             state.ignored.push(IgnoredError { entry, error: row.get(4)? });
         }
+        *self.decoded.borrow_mut() = next;
         Ok(state)
     }
 
@@ -329,22 +548,21 @@ impl SyncCache {
     pub fn enqueue(&mut self, state: &mut SyncState, changes: &[Change]) -> Result<Vec<QueueId>, CacheError> {
         self.step(|conn| {
             let mut insert = conn.prepare_cached(
-                "INSERT INTO OutlookSyncTable (Side, Kind, RecordKey, ObjectTypeCode, Change) VALUES (?1, ?2, ?3, ?4, ?5) \
-                 RETURNING Id",
+                "INSERT INTO OutlookSyncTable (Side, Kind, RecordKey, ObjectTypeCode, Change) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
             let mut ids = Vec::with_capacity(changes.len());
             for change in changes {
                 let json = serde_json::to_string(change).map_err(|e| corrupt("OutlookSyncTable", "Change", e))?;
-                let id: i64 = insert.query_row(
-                    params![
-                        format!("{:?}", change.side()),
-                        format!("{:?}", change.kind()),
-                        change.key().to_string(),
-                        change.object_type().code(),
-                        json
-                    ],
-                    |r| r.get(0),
-                )?;
+                insert.execute(params![
+                    side_name(change.side()),
+                    kind_name(change.kind()),
+                    change.key().to_string(),
+                    change.object_type().code(),
+                    json
+                ])?;
+                // The row's `INTEGER PRIMARY KEY` (no trigger inserts elsewhere): what a
+                // `RETURNING Id` reads, without the temporary table SQLite fills for it.
+                let id = conn.last_insert_rowid();
                 ids.push(QueueId(u64::try_from(id).map_err(|_| corrupt("OutlookSyncTable", "Id", id))?));
             }
             Ok(ids)
@@ -517,6 +735,23 @@ impl SyncCache {
     }
 }
 
+/// The `Side` column: the side's name as `Debug` spells it.
+fn side_name(side: Side) -> &'static str {
+    match side {
+        Side::Crm => "Crm",
+        Side::Outlook => "Outlook",
+    }
+}
+
+/// The `Kind` column: the kind's name as `Debug` spells it.
+fn kind_name(kind: ChangeKind) -> &'static str {
+    match kind {
+        ChangeKind::Create => "Create",
+        ChangeKind::Update => "Update",
+        ChangeKind::Delete => "Delete",
+    }
+}
+
 /// Column `i` of `row` as text, borrowed from the row; anything else is a corrupt value.
 fn text<'r>(
     row: &'r rusqlite::Row<'_>,
@@ -528,16 +763,32 @@ fn text<'r>(
     value.as_str().map_err(|_| corrupt(table, column, format!("{value:?}")))
 }
 
+/// Column `i` of `row` as text or NULL, borrowed from the row. Anything else fails as reading it
+/// as an `Option<String>` does (the same error).
+fn optional_text<'r>(row: &'r rusqlite::Row<'_>, i: usize) -> Result<Option<&'r str>, CacheError> {
+    if let Ok(text) = row.get_ref(i)?.as_str_or_null() {
+        return Ok(text);
+    }
+    let typed: Option<String> = row.get(i)?;
+    Err(CacheError::Sqlite(rusqlite::Error::InvalidColumnType(
+        i,
+        format!("text read as {typed:?}, not as text"),
+        rusqlite::types::Type::Text,
+    )))
+}
+
+/// A queue entry from its row's columns; `change` decodes the `Change` (checked after the id,
+/// before the attempts).
 fn queue_entry(
     table: &'static str,
     id: i64,
-    change: &str,
+    change: impl FnOnce() -> Result<Change, CacheError>,
     attempts: i64,
     last_error: Option<String>,
 ) -> Result<QueueEntry, CacheError> {
     Ok(QueueEntry {
         id: QueueId(u64::try_from(id).map_err(|_| corrupt(table, "Id", id))?),
-        change: serde_json::from_str::<Change>(change).map_err(|_| corrupt(table, "Change", change))?,
+        change: change()?,
         attempts: u32::try_from(attempts).map_err(|_| corrupt(table, "Attempts", attempts))?,
         last_error,
     })
@@ -619,6 +870,53 @@ fn to_json<T: serde::Serialize>(value: &T) -> Result<String, CacheError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::change::{ChangeOp, DeleteReason};
+    use crate::ids::VersionNumber;
+
+    fn deleted(version: u64) -> Change {
+        let id = CrmId::new(uuid::Uuid::from_u128(7)).unwrap();
+        Change::crm(id, ObjectTypeCode::Task, VersionNumber(version), ChangeOp::Delete(DeleteReason::Deleted))
+            .unwrap()
+    }
+
+    #[test]
+    fn a_row_read_again_is_decoded_again_once_its_text_changed() {
+        let mut cache = SyncCache::in_memory().unwrap();
+        cache.reuse_loads(true);
+        let mut state = SyncState::default();
+        cache.enqueue(&mut state, &[deleted(1)]).unwrap();
+        assert_eq!(cache.load_from_file().unwrap(), state);
+        assert_eq!(cache.decoded.borrow().queue.len(), 1, "the decoded row is kept");
+        assert_eq!(cache.load_from_file().unwrap(), state, "a row read again with the same text");
+        // Another writer (here: behind the cache's back) changes the row's text.
+        let newer = serde_json::to_string(&deleted(2)).unwrap();
+        cache.conn.execute("UPDATE OutlookSyncTable SET Change = ?1", [&newer]).unwrap();
+        let loaded = cache.load_from_file().unwrap();
+        assert_eq!(loaded.queue.entries()[0].change, deleted(2));
+        // And a corrupt text is refused as before, naming the value.
+        cache.conn.execute("UPDATE OutlookSyncTable SET Change = 'nope'", []).unwrap();
+        assert!(matches!(cache.load_from_file(), Err(CacheError::Corrupt { column: "Change", .. })));
+    }
+
+    #[test]
+    fn decoded_rows_are_kept_only_where_loads_are_reused() {
+        let mut cache = SyncCache::in_memory().unwrap();
+        let mut state = SyncState::default();
+        cache.enqueue(&mut state, &[deleted(1)]).unwrap();
+        assert_eq!(cache.load_from_file().unwrap(), state);
+        let decoded = cache.decoded.borrow();
+        assert!(decoded.queue.is_empty() && decoded.mapping.is_empty(), "a client's read keeps nothing");
+    }
+
+    #[test]
+    fn side_and_kind_columns_hold_the_debug_names() {
+        for side in [Side::Crm, Side::Outlook] {
+            assert_eq!(side_name(side), format!("{side:?}"));
+        }
+        for kind in [ChangeKind::Create, ChangeKind::Update, ChangeKind::Delete] {
+            assert_eq!(kind_name(kind), format!("{kind:?}"));
+        }
+    }
 
     #[test]
     fn role_and_status_texts_are_their_json() {

@@ -20,6 +20,7 @@
 //! A file that is not a crmsync server store, or is of a newer schema, is refused with a typed
 //! error before anything is written to it.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -400,6 +401,14 @@ ALTER TABLE SubscriptionClients ADD COLUMN PrimaryTerm INTEGER NOT NULL DEFAULT 
 UPDATE SubscriptionClients SET PrimaryTerm = 1 WHERE IsPrimaryClient = 1;
 ";
 
+/// Makes the current schema in an empty database, in one transaction.
+fn create_schema(conn: &Connection) -> Result<(), rusqlite::Error> {
+    conn.execute_batch(&format!(
+        "BEGIN; {SCHEMA} {MIGRATE_V1_TO_V2} PRAGMA application_id = {SERVER_APPLICATION_ID}; \
+         PRAGMA user_version = {SERVER_SCHEMA_VERSION}; COMMIT;"
+    ))
+}
+
 /// A record with its attendees, one row per record (ids are fixed-width GUIDs with no comma,
 /// so the attendee list folds into one column). Callers add `WHERE` and `ORDER BY`.
 const RECORD_SELECT: &str = "SELECT r.ObjectId, r.ObjectTypeCode, r.OwnerId, r.VersionNumber, r.Fields, \
@@ -464,8 +473,6 @@ macro_rules! calendar_codes {
         "4201, 4214, 4251"
     };
 }
-const CALENDAR_CODES: &str = calendar_codes!();
-
 /// The ids of the live records in the sync filter of user `?1`: owned, or calendar items
 /// attended. A UNION, not an OR, so each half uses its index instead of scanning every record.
 const FILTER_IDS: &str = concat!(
@@ -474,6 +481,14 @@ const FILTER_IDS: &str = concat!(
      WHERE a.SystemUserId = ?1 AND c.ObjectTypeCode IN (",
     calendar_codes!(),
     ")"
+);
+
+/// In `ServerStore::diff`: whether row `x` (a record, or a tombstone with no owner) is in the
+/// sync filter of user `?2`, as 1 or 0.
+const WANTED: &str = concat!(
+    "COALESCE(x.OwnerId = ?2 OR (x.ObjectTypeCode IN (",
+    calendar_codes!(),
+    ") AND EXISTS (SELECT 1 FROM Attendee a WHERE a.ObjectId = x.ObjectId AND a.SystemUserId = ?2)), 0)"
 );
 
 /// One prepared change joined with its record as it is now.
@@ -590,7 +605,7 @@ impl ServerStore {
         crate::sqlite::keep_plans(&conn).map_err(sqlite)?;
         let store = ServerStore { conn, clock };
         if fresh {
-            store.create_schema().map_err(sqlite)?;
+            create_schema(&store.conn).map_err(sqlite)?;
         } else {
             let version: i32 =
                 store.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sqlite)?;
@@ -608,18 +623,12 @@ impl ServerStore {
 
     /// A store in memory (tests, the simulator).
     pub fn in_memory(clock: Box<dyn Clock>) -> Result<ServerStore, rusqlite::Error> {
-        let conn = Connection::open_in_memory()?;
+        thread_local! {
+            static TEMPLATE: RefCell<Option<Connection>> = const { RefCell::new(None) };
+        }
+        let conn = crate::sqlite::in_memory_from(&TEMPLATE, create_schema)?;
         crate::sqlite::keep_plans(&conn)?;
-        let store = ServerStore { conn, clock };
-        store.create_schema()?;
-        Ok(store)
-    }
-
-    fn create_schema(&self) -> Result<(), rusqlite::Error> {
-        self.conn.execute_batch(&format!(
-            "BEGIN; {SCHEMA} {MIGRATE_V1_TO_V2} PRAGMA application_id = {SERVER_APPLICATION_ID}; \
-             PRAGMA user_version = {SERVER_SCHEMA_VERSION}; COMMIT;"
-        ))
+        Ok(ServerStore { conn, clock })
     }
 
     /// The current time as the store writes it (RFC 3339, UTC).
@@ -632,12 +641,18 @@ impl ServerStore {
         &self.conn
     }
 
+    /// Takes the next version. Every caller is inside its transaction, which holds the write
+    /// lock from the `UPDATE` on, so the `SELECT` reads the value this `UPDATE` wrote. (Two
+    /// statements rather than `UPDATE ... RETURNING`, which fills a temporary table for its one
+    /// row: every server write takes a version.)
     fn next_version(&self) -> Result<VersionNumber, ServerError> {
+        debug_assert!(!self.conn.is_autocommit(), "a version is taken inside a transaction");
+        self.conn
+            .prepare_cached("UPDATE Counter SET Value = Value + 1 WHERE Name = 'VersionNumber'")?
+            .execute([])?;
         let v: i64 = self
             .conn
-            .prepare_cached(
-                "UPDATE Counter SET Value = Value + 1 WHERE Name = 'VersionNumber' RETURNING Value",
-            )?
+            .prepare_cached("SELECT Value FROM Counter WHERE Name = 'VersionNumber'")?
             .query_row([], |r| r.get(0))?;
         version("Counter", v)
     }
@@ -916,16 +931,16 @@ impl ServerStore {
         acked: u64,
     ) -> Result<Vec<(String, ObjectTypeCode, u64, ChangeKind)>, ServerError> {
         // One pass over what changed above the watermark, with whether the record is in the
-        // user's filter and the state of its SyncEntry row.
+        // user's filter and the state of its SyncEntry row. Rows neither wanted nor held (mostly
+        // other users' records) are left out in SQL, before the sort: the loop below would skip
+        // them anyway.
         let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT x.ObjectId, x.ObjectTypeCode, x.VersionNumber, \
-                    COALESCE(x.OwnerId = ?2 OR (x.ObjectTypeCode IN ({CALENDAR_CODES}) AND EXISTS \
-                        (SELECT 1 FROM Attendee a WHERE a.ObjectId = x.ObjectId AND a.SystemUserId = ?2)), 0), \
-                    s.State \
+            "SELECT x.ObjectId, x.ObjectTypeCode, x.VersionNumber, {WANTED}, s.State \
              FROM (SELECT ObjectId, ObjectTypeCode, VersionNumber, OwnerId FROM Record WHERE VersionNumber > ?1 \
                    UNION ALL \
                    SELECT ObjectId, ObjectTypeCode, VersionNumber, NULL FROM Tombstone WHERE VersionNumber > ?1) x \
              LEFT JOIN {table} s ON s.ObjectId = x.ObjectId \
+             WHERE s.State IN (0, 1) OR {WANTED} \
              ORDER BY x.VersionNumber, x.ObjectId"
         ))?;
         let rows = stmt.query_map(params![acked as i64, user.to_string()], |r| {
@@ -1408,7 +1423,7 @@ mod tests {
 
     #[test]
     fn calendar_codes_for_sql_are_the_calendar_entities() {
-        let listed: Vec<u32> = CALENDAR_CODES.split(", ").map(|c| c.parse().unwrap()).collect();
+        let listed: Vec<u32> = calendar_codes!().split(", ").map(|c| c.parse().unwrap()).collect();
         let calendar: Vec<u32> =
             ObjectTypeCode::ALL.iter().filter(|o| o.is_calendar()).map(|o| o.code()).collect();
         assert_eq!(listed, calendar);

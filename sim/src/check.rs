@@ -3,10 +3,12 @@
 //! (the server's records, the mailbox's items, the cache file) and the reference model; none
 //! asks the engine what it meant to do.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::hash::BuildHasherDefault;
 use std::rc::Rc;
 
 use crmsync::ids::{CrmId, EntryId};
+use crmsync::index::{IdHasher, IdMap};
 use crmsync::mailbox::{Mailbox, MailboxItem, Tracking};
 use crmsync::queue::QueueEntry;
 use crmsync::server::{CrmService, ServerRecord};
@@ -28,6 +30,10 @@ impl std::fmt::Display for Violation {
     }
 }
 
+/// A set to ask, never to list: the checks after every run look things up in these (no order
+/// of theirs reaches a verdict: every check walks items and records in their own order).
+type IdSet<K> = HashSet<K, BuildHasherDefault<IdHasher>>;
+
 fn fail<T>(w: &World, what: String) -> Result<T, Violation> {
     Err(w.violation(what))
 }
@@ -48,12 +54,18 @@ fn load(w: &World, m: usize) -> Result<Rc<SyncState>, Violation> {
 /// Every [`FILE_CHECK_EVERY`]th run, the state kept from a run must be what the cache's file
 /// holds: queue, mapping and ignored errors, entry by entry. A durable step that wrote other
 /// rows than the engine settled would otherwise go unseen until a crash made a run read the
-/// file.
+/// file. (After a stopped run the state loaded is a read of the file itself: nothing to
+/// compare.)
 const FILE_CHECK_EVERY: u64 = 4;
 
-fn kept_state_is_the_files(w: &World, m: usize, kept: &SyncState) -> Result<(), Violation> {
+fn kept_state_is_the_files(w: &World, m: usize, kept: &Rc<SyncState>) -> Result<(), Violation> {
     if w.sync_runs() % FILE_CHECK_EVERY != 0 {
         return Ok(());
+    }
+    match w.cache(m).is_as_read_from_file(kept) {
+        Ok(true) => return Ok(()),
+        Ok(false) => {}
+        Err(e) => return fail(w, format!("the cache of machine {m} does not answer: {e}")),
     }
     let file = match w.cache(m).load_from_file() {
         Ok(state) => state,
@@ -114,12 +126,12 @@ pub fn after_run(
     m: usize,
     completed: bool,
     items: &[MailboxItem],
-    records: &[ServerRecord],
+    records: &[Rc<ServerRecord>],
 ) -> Result<(), Violation> {
     let u = w.machine_user(m);
     // No two items carry one stamp; no two linked items share a GOID (a duplicate meeting).
-    let mut stamps = BTreeMap::new();
-    let mut goids = BTreeMap::new();
+    let mut stamps = IdMap::default();
+    let mut goids = IdMap::default();
     for item in items {
         if let Some(stamp) = item.stamp() {
             if let Some(other) = stamps.insert(stamp, &item.entry_id) {
@@ -129,7 +141,7 @@ pub fn after_run(
                 );
             }
             if let Some(goid) = &item.goid {
-                if let Some(other) = goids.insert(goid.clone(), &item.entry_id) {
+                if let Some(other) = goids.insert(goid, &item.entry_id) {
                     return fail(
                         w,
                         format!("user {u}: linked items {other} and {} share a GOID", item.entry_id),
@@ -150,10 +162,10 @@ pub fn after_run(
         }
     }
     // No two records in the user's filter share a GOID (a duplicate meeting in CRM).
-    let mut goids = BTreeMap::new();
+    let mut goids = IdMap::default();
     for r in records {
         if let Some(goid) = &r.goid {
-            if let Some(other) = goids.insert(goid.clone(), r.crm_id) {
+            if let Some(other) = goids.insert(goid, r.crm_id) {
                 return fail(w, format!("records {other} and {} share a GOID", r.crm_id));
             }
         }
@@ -171,7 +183,7 @@ pub fn after_run(
             }
         }
     }
-    let present: BTreeSet<&EntryId> = items.iter().map(|i| &i.entry_id).collect();
+    let present: IdSet<&EntryId> = items.iter().map(|i| &i.entry_id).collect();
     for (e, h) in model.items_of(u) {
         if !model.handles[h].unprotected && !present.contains(e) {
             return fail(w, format!("user {u}: item {e} (handle {h}) was lost: no one deleted it"));
@@ -183,13 +195,20 @@ pub fn after_run(
     kept_state_is_the_files(w, m, &state)?;
     let primary = w.server().is_primary_client(w.subscription(m)).unwrap_or(false);
     if primary && completed {
-        let by_entry: BTreeMap<&EntryId, &MailboxItem> = items.iter().map(|i| (&i.entry_id, i)).collect();
+        let by_entry: IdMap<&EntryId, &MailboxItem> = items.iter().map(|i| (&i.entry_id, i)).collect();
         // A pair with changes still queued is not settled yet (its action failed this run, after
         // an earlier try may have half-applied it): the run that settles it must repair it, and
         // convergence checks that it did.
         // Likewise a pair whose failed change the user chose to ignore ("ignored errors aside").
         let ignored = state.ignored.iter().map(|i| &i.entry);
-        let (unsettled_ids, unsettled_entries) = keys_of(state.queue.iter_unordered().chain(ignored));
+        let mut unsettled_ids = IdSet::default();
+        let mut unsettled_entries = IdSet::default();
+        for entry in state.queue.iter_unordered().chain(ignored) {
+            match entry.change.key() {
+                RecordKey::Crm(c) => unsettled_ids.insert(*c),
+                RecordKey::Outlook(e) => unsettled_entries.insert(e),
+            };
+        }
         for entry in state.mapping.entries() {
             if unsettled_ids.contains(&entry.crm_id) || unsettled_entries.contains(&entry.entry_id) {
                 continue;

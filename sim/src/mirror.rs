@@ -9,11 +9,14 @@
 
 use std::cell::{Ref, RefCell};
 use std::collections::BTreeMap;
+use std::rc::Rc;
 
 use crmsync::ids::{CrmId, VersionNumber};
+use crmsync::index::IdMap;
 use crmsync::server::{ServerError, ServerRecord, ServerStore, SystemUserId};
 
-/// Every live record as of `seen`, by `CrmId`.
+/// Every live record as of `seen`, by `CrmId`. Records are shared (`Rc`): a reader after every
+/// run gets the user's filter as handles, not as copies of every record.
 #[derive(Debug, Default)]
 pub struct Mirror {
     inner: RefCell<Held>,
@@ -21,7 +24,10 @@ pub struct Mirror {
 
 #[derive(Debug, Default)]
 struct Held {
-    records: BTreeMap<CrmId, ServerRecord>,
+    records: BTreeMap<CrmId, Kept>,
+    /// The keys of `records`, to ask (the checks ask about every record the model knows after
+    /// every run; never iterated).
+    live: IdMap<CrmId, ()>,
     seen: VersionNumber,
 }
 
@@ -32,9 +38,22 @@ impl Mirror {
         &self,
         server: &ServerStore,
         user: SystemUserId,
-    ) -> Result<Vec<ServerRecord>, ServerError> {
+    ) -> Result<Vec<Rc<ServerRecord>>, ServerError> {
         self.refresh(server)?;
-        Ok(self.inner.borrow().records.values().filter(|r| r.is_in_filter_of(user)).cloned().collect())
+        let held = self.inner.borrow();
+        Ok(held.records.values().filter(|k| k.is_in_filter_of(user)).map(|k| k.record.clone()).collect())
+    }
+
+    /// The live records `user` owns, in `CrmId` order: the records of
+    /// [`in_filter`](Mirror::in_filter) whose owner is `user`.
+    pub fn owned_by(
+        &self,
+        server: &ServerStore,
+        user: SystemUserId,
+    ) -> Result<Vec<Rc<ServerRecord>>, ServerError> {
+        self.refresh(server)?;
+        let held = self.inner.borrow();
+        Ok(held.records.values().filter(|k| k.owner == user).map(|k| k.record.clone()).collect())
     }
 
     /// The ids of the server's live records, as a set to ask (equal to `server.record_ids()`).
@@ -49,13 +68,37 @@ impl Mirror {
         let changed = server.changed_since(held.seen)?;
         for record in changed.written {
             held.seen = held.seen.max(record.version);
-            held.records.insert(record.crm_id, record);
+            held.live.insert(record.crm_id, ());
+            held.records.insert(record.crm_id, Kept::new(record));
         }
         for (crm_id, version) in changed.deleted {
             held.seen = held.seen.max(version);
+            held.live.remove(&crm_id);
             held.records.remove(&crm_id);
         }
         Ok(())
+    }
+}
+
+/// A record as the mirror keeps it: beside it, what the filter asks of every record, so that
+/// listing a user's filter reads the record itself only for a meeting with attendees.
+#[derive(Debug)]
+struct Kept {
+    owner: SystemUserId,
+    /// A calendar item with attendees: whether it is in a filter depends on them.
+    attended: bool,
+    record: Rc<ServerRecord>,
+}
+
+impl Kept {
+    fn new(record: ServerRecord) -> Kept {
+        let attended = record.object_type.is_calendar() && !record.attendees.is_empty();
+        Kept { owner: record.owner, attended, record: Rc::new(record) }
+    }
+
+    /// [`ServerRecord::is_in_filter_of`].
+    fn is_in_filter_of(&self, user: SystemUserId) -> bool {
+        self.owner == user || (self.attended && self.record.is_in_filter_of(user))
     }
 }
 
@@ -64,7 +107,7 @@ pub struct Live<'a>(Ref<'a, Held>);
 
 impl Live<'_> {
     pub fn contains(&self, crm_id: CrmId) -> bool {
-        self.0.records.contains_key(&crm_id)
+        self.0.live.contains_key(&crm_id)
     }
 }
 
@@ -111,7 +154,13 @@ mod tests {
         let mirror = Mirror::default();
         let check = |server: &ServerStore| {
             for u in [a, b] {
-                assert_eq!(mirror.in_filter(server, u).unwrap(), server.records_in_filter(u).unwrap());
+                let mirrored: Vec<ServerRecord> =
+                    mirror.in_filter(server, u).unwrap().into_iter().map(Rc::unwrap_or_clone).collect();
+                assert_eq!(mirrored, server.records_in_filter(u).unwrap());
+                let owned: Vec<ServerRecord> = mirrored.into_iter().filter(|r| r.owner == u).collect();
+                let mirrored: Vec<ServerRecord> =
+                    mirror.owned_by(server, u).unwrap().into_iter().map(Rc::unwrap_or_clone).collect();
+                assert_eq!(mirrored, owned);
             }
             for n in [10, 11, 12] {
                 let crm_id = CrmId::new(Uuid::from_u128(n)).unwrap();

@@ -25,6 +25,7 @@
 use std::collections::BTreeMap;
 
 use crmsync::ids::{CrmId, EntryId};
+use crmsync::index::IdMap;
 use crmsync::policy::FieldConflictPolicy;
 
 /// Where an edit is made or arrives.
@@ -85,17 +86,28 @@ impl Expect {
     }
 }
 
+/// One user's items the model knows: in `EntryId` order to list, hashed to look up.
+#[derive(Debug, Clone, Default)]
+struct UserItems {
+    ordered: BTreeMap<EntryId, Handle>,
+    index: IdMap<EntryId, Handle>,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Model {
     pub handles: Vec<HandleInfo>,
-    by_crm_id: BTreeMap<CrmId, Handle>,
-    by_item: BTreeMap<(usize, EntryId), Handle>,
+    /// Looked up, never iterated (the checks ask it about every record after every run).
+    by_crm_id: IdMap<CrmId, Handle>,
+    /// By user: the user's items the model knows (one set per user, so a lookup borrows the
+    /// `EntryId` instead of building a `(user, EntryId)` key).
+    by_item: Vec<UserItems>,
     /// By handle: field -> every edit made, with its place, in the order made. Earlier edits at
     /// a place are kept: when a later one is withdrawn (its copy left the filter), an earlier one
     /// that reached CRM is what CRM rightly keeps.
     edits: Vec<BTreeMap<String, Vec<(Place, EditAt)>>>,
-    /// The fields last seen of a handle at a place (looked up, never iterated).
-    last_seen: std::collections::HashMap<(Handle, Place), crmsync::Fields>,
+    /// By place ([`Model::place_slot`]), then by handle: the fields last seen of it there
+    /// (looked up, never iterated).
+    last_seen: Vec<Vec<Option<crmsync::Fields>>>,
     next_value: u64,
 }
 
@@ -112,8 +124,17 @@ impl Model {
     pub fn new_outlook_item(&mut self, user: usize, entry_id: EntryId) -> Handle {
         let h = self.handles.len();
         self.handles.push(HandleInfo { made_in: Some((user, entry_id.clone())), ..HandleInfo::default() });
-        self.by_item.insert((user, entry_id), h);
+        self.index_item(user, entry_id, h);
         h
+    }
+
+    fn index_item(&mut self, user: usize, entry_id: EntryId, h: Handle) {
+        if self.by_item.len() <= user {
+            self.by_item.resize_with(user + 1, UserItems::default);
+        }
+        let items = &mut self.by_item[user];
+        items.index.insert(entry_id.clone(), h);
+        items.ordered.insert(entry_id, h);
     }
 
     fn index_crm_id(&mut self, crm_id: CrmId, h: Handle) {
@@ -129,11 +150,11 @@ impl Model {
 
     /// The items of `user` the model knows, with their handles.
     pub fn items_of(&self, user: usize) -> impl Iterator<Item = (&EntryId, Handle)> {
-        self.by_item.iter().filter(move |((u, _), _)| *u == user).map(|((_, e), h)| (e, *h))
+        self.by_item.get(user).into_iter().flat_map(|items| items.ordered.iter().map(|(e, h)| (e, *h)))
     }
 
     pub fn handle_of_item(&self, user: usize, entry_id: &EntryId) -> Option<Handle> {
-        self.by_item.get(&(user, entry_id.clone())).copied()
+        self.by_item.get(user)?.index.get(entry_id).copied()
     }
 
     /// What a sync run showed: `user`'s item `entry_id` is stamped with `crm_id`.
@@ -145,9 +166,7 @@ impl Model {
                 self.handles[h].crm_id.get_or_insert(crm_id);
                 self.index_crm_id(crm_id, h);
             }
-            (None, Some(h)) => {
-                self.by_item.insert((user, entry_id.clone()), h);
-            }
+            (None, Some(h)) => self.index_item(user, entry_id.clone(), h),
             _ => {}
         }
     }
@@ -271,12 +290,17 @@ impl Model {
     pub fn observe_all(&mut self, h: Handle, place: Place, fields: &crmsync::Fields, at: u64) {
         let Some(by_field) = self.edits.get_mut(h) else { return };
         // Mostly the very same shared field set as last time: equal by pointer, no compare.
-        match self.last_seen.get_mut(&(h, place)) {
+        let slot = Self::place_slot(place);
+        if self.last_seen.len() <= slot {
+            self.last_seen.resize_with(slot + 1, Vec::new);
+        }
+        let seen = &mut self.last_seen[slot];
+        if seen.len() <= h {
+            seen.resize_with(h + 1, || None);
+        }
+        match &mut seen[h] {
             Some(last) if last == fields => return,
-            Some(last) => *last = fields.clone(),
-            None => {
-                self.last_seen.insert((h, place), fields.clone());
-            }
+            last => *last = Some(fields.clone()),
         }
         for (field, by_place) in by_field.iter_mut() {
             let Some(value) = fields.get(field) else { continue };
@@ -285,6 +309,14 @@ impl Model {
                     edit.arrived.entry(place).or_insert(at);
                 }
             }
+        }
+    }
+
+    /// Where a place's last-seen fields are kept: CRM first, then each user's mailbox.
+    fn place_slot(place: Place) -> usize {
+        match place {
+            Place::Crm => 0,
+            Place::Outlook(u) => u + 1,
         }
     }
 

@@ -655,7 +655,7 @@ impl World {
     }
 
     /// Learns links from stamps and records where edits' values have arrived.
-    fn observe(&mut self, u: usize, items: &[MailboxItem], records: &[ServerRecord]) {
+    fn observe(&mut self, u: usize, items: &[MailboxItem], records: &[Rc<ServerRecord>]) {
         let at = self.at;
         for item in items {
             if let Some(stamp) = item.stamp() {
@@ -687,8 +687,7 @@ impl World {
     fn crm_edit(&mut self, u: usize) -> Result<(), WorldError> {
         let who = format!("crm/u{u}");
         let user = self.users[u].id;
-        let records: Vec<ServerRecord> =
-            self.records_in_filter(u)?.into_iter().filter(|r| r.owner == user).collect();
+        let records = self.mirror.owned_by(&self.server, user)?;
         let roll = self.edits.below(100);
         let Some(record) = self.edits.pick(&records).cloned() else {
             return self.crm_create(u, &who);
@@ -894,7 +893,7 @@ impl World {
     }
 
     /// The live records in user `u`'s sync filter, in `CrmId` order (through the mirror).
-    pub(crate) fn records_in_filter(&self, u: usize) -> Result<Vec<ServerRecord>, ServerError> {
+    pub(crate) fn records_in_filter(&self, u: usize) -> Result<Vec<Rc<ServerRecord>>, ServerError> {
         self.mirror.in_filter(&self.server, self.users[u].id)
     }
 

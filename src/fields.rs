@@ -696,6 +696,111 @@ impl fmt::Display for FieldPatch {
     }
 }
 
+/// Names of some fields of one set, picked by position: the fields a merge found changed on both
+/// sides. Stored without copying, as a `FieldPatch` is (a shared set and a mask); reads as a list
+/// of names in name order.
+#[derive(Clone, Default)]
+pub struct FieldNames {
+    /// The set the names are picked from; empty when none is.
+    from: Fields,
+    picked: Halves,
+}
+
+impl FieldNames {
+    /// The names of `from` at the positions in `picked`.
+    pub(crate) fn new(from: &Fields, picked: Mask) -> Self {
+        debug_assert!(from.len() >= 128 || picked >> from.len() == 0, "positions past the field set");
+        FieldNames {
+            from: if picked == 0 { Fields::empty() } else { from.clone() },
+            picked: Halves::new(picked),
+        }
+    }
+
+    /// These names, distinct and in increasing order (checked again in debug builds).
+    pub(crate) fn of_sorted(names: &[&str]) -> Self {
+        let mut builder = FieldsBuilder::with_capacity(names.len());
+        for name in names {
+            builder.push(name, "");
+        }
+        let from = builder.build().expect("names of one valid field set fit in one");
+        let all = if names.len() >= 128 { Mask::MAX } else { (1 << names.len()) - 1 };
+        FieldNames::new(&from, all)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.picked.0 == [0, 0]
+    }
+
+    pub fn len(&self) -> usize {
+        self.picked.mask().count_ones() as usize
+    }
+
+    /// The names in name order.
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        let picked = self.picked.mask();
+        self.from.iter().enumerate().filter(move |(i, _)| picked >> i & 1 == 1).map(|(_, (name, _))| name)
+    }
+
+    pub fn to_vec(&self) -> Vec<String> {
+        self.iter().map(str::to_owned).collect()
+    }
+}
+
+impl PartialEq for FieldNames {
+    fn eq(&self, other: &FieldNames) -> bool {
+        self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for FieldNames {}
+
+impl<const N: usize> PartialEq<[&str; N]> for FieldNames {
+    fn eq(&self, other: &[&str; N]) -> bool {
+        self.iter().eq(other.iter().copied())
+    }
+}
+
+impl PartialEq<[String]> for FieldNames {
+    fn eq(&self, other: &[String]) -> bool {
+        self.iter().eq(other.iter().map(String::as_str))
+    }
+}
+
+impl fmt::Debug for FieldNames {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+impl fmt::Display for FieldNames {
+    /// `a, b, c`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, name) in self.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            f.write_str(name)?;
+        }
+        Ok(())
+    }
+}
+
+impl Serialize for FieldNames {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for FieldNames {
+    /// A list of names, each checked as a field name; given in any order, kept in name order.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let names = Vec::<String>::deserialize(d)?;
+        let from = Fields::try_from_pairs(names.iter().map(|n| (n, ""))).map_err(serde::de::Error::custom)?;
+        let all = if from.len() >= 128 { Mask::MAX } else { (1 << from.len()) - 1 };
+        Ok(FieldNames::new(&from, all))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

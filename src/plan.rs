@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::change::{ChangeKind, ChangeStamp, DeleteReason, Record, RecordKey, Side};
 use crate::entity::{EntityGroup, ObjectTypeCode};
-use crate::fields::{FieldPatch, Fields, FieldsError};
+use crate::fields::{FieldNames, FieldPatch, Fields, FieldsError};
 use crate::ids::{CrmId, EntryId, GlobalObjectId, VersionNumber};
 use crate::index::IdMap;
 use crate::mapping::{Mapping, MappingEntry};
@@ -187,7 +187,7 @@ pub struct Action {
     pub op: ActionOp,
     pub link: LinkChange,
     /// Fields changed on both sides and settled by `FieldConflictPolicy`.
-    pub conflicts: Vec<String>,
+    pub conflicts: FieldNames,
     /// The queue entries this action settles, in id order.
     pub consumed: QueueIds,
     /// Where the record's pair sat in the mapping when planned, so settling finds it without a
@@ -896,7 +896,7 @@ impl<'m> Planner<'m> {
                     )),
                     None => LinkChange::Keep,
                 };
-                ctx.act(DecisionRow::NoChange, ActionOp::Drop { why }, link, vec![])
+                ctx.act(DecisionRow::NoChange, ActionOp::Drop { why }, link, FieldNames::default())
             }
             (Some(Write(c)), None, None) => self.create_in_outlook(ctx, &crm, c),
             (Some(Write(c)), None, Some(m)) => {
@@ -907,7 +907,7 @@ impl<'m> Planner<'m> {
                 DecisionRow::CrmDeleteUnmapped,
                 ActionOp::Drop { why: DropReason::NotHeld },
                 LinkChange::Keep,
-                vec![],
+                FieldNames::default(),
             ),
             (None, Some(Write(o)), None) => {
                 let entry_id = entry_id_of(&outlook).expect("an Outlook net is keyed by EntryId");
@@ -924,7 +924,7 @@ impl<'m> Planner<'m> {
                 DecisionRow::OutlookDeleteUnmapped,
                 ActionOp::Drop { why: DropReason::NotHeld },
                 LinkChange::Keep,
-                vec![],
+                FieldNames::default(),
             ),
             (Some(Write(c)), Some(Write(o)), Some(m)) => {
                 self.update(ctx, DecisionRow::BothUpdated, m, Some(c), Some(o), crm_version(&crm))
@@ -954,7 +954,7 @@ impl<'m> Planner<'m> {
                         m,
                         crm_version(&crm),
                     );
-                    ctx.act(DecisionRow::UpdateVsDelete, op, LinkChange::Link(link), vec![])
+                    ctx.act(DecisionRow::UpdateVsDelete, op, LinkChange::Link(link), FieldNames::default())
                 }
                 UpdateVsDeletePolicy::DeleteWins => self.outlook_delete(ctx, DecisionRow::UpdateVsDelete, m),
             },
@@ -965,7 +965,7 @@ impl<'m> Planner<'m> {
                     DecisionRow::UpdateVsDelete,
                     ActionOp::Untrack { crm_id: m.crm_id, entry_id: m.entry_id.clone() },
                     LinkChange::Remove(m.crm_id),
-                    vec![],
+                    FieldNames::default(),
                 ),
                 (DeleteReason::Deleted, UpdateVsDeletePolicy::UpdateWins) => {
                     let last = written_before_delete(&crm, m);
@@ -1009,7 +1009,7 @@ impl<'m> Planner<'m> {
                 DecisionRow::BothDeleted,
                 ActionOp::Untrack { crm_id: m.crm_id, entry_id: m.entry_id.clone() },
                 LinkChange::Remove(m.crm_id),
-                vec![],
+                FieldNames::default(),
             ),
             // Joined by the stamp: the record was deleted in CRM before the item created for it
             // was ever mapped. The item stays, untracked.
@@ -1020,7 +1020,7 @@ impl<'m> Planner<'m> {
                     DecisionRow::CrmDeleteUnmapped,
                     ActionOp::Untrack { crm_id, entry_id },
                     LinkChange::Keep,
-                    vec![],
+                    FieldNames::default(),
                 )
             }
             // Unmapped Outlook deletes are never joined, so these cannot meet; treat the CRM side
@@ -1030,7 +1030,7 @@ impl<'m> Planner<'m> {
                 DecisionRow::CrmDeleteUnmapped,
                 ActionOp::Drop { why: DropReason::NotHeld },
                 LinkChange::Keep,
-                vec![],
+                FieldNames::default(),
             ),
         }
     }
@@ -1103,7 +1103,7 @@ impl<'m> Planner<'m> {
             status: record.status,
             crm_version: crm_version(crm),
         };
-        ctx.act(DecisionRow::CrmChangeUnmapped, op, LinkChange::Link(link), vec![])
+        ctx.act(DecisionRow::CrmChangeUnmapped, op, LinkChange::Link(link), FieldNames::default())
     }
 
     fn create_in_crm(
@@ -1154,7 +1154,7 @@ impl<'m> Planner<'m> {
             status: record.status,
             crm_version: None,
         };
-        ctx.act(DecisionRow::OutlookChangeUnmapped, op, LinkChange::Link(link), vec![])
+        ctx.act(DecisionRow::OutlookChangeUnmapped, op, LinkChange::Link(link), FieldNames::default())
     }
 
     /// The create/create row: a new server record and a new Outlook item that are the same record
@@ -1242,7 +1242,7 @@ impl<'m> Planner<'m> {
         } else {
             ActionOp::Untrack { crm_id, entry_id }
         };
-        ctx.act(row, op, LinkChange::Remove(crm_id), vec![])
+        ctx.act(row, op, LinkChange::Remove(crm_id), FieldNames::default())
     }
 
     fn outlook_delete(&self, ctx: Ctx, row: DecisionRow, m: &MappingEntry) -> Action {
@@ -1252,7 +1252,7 @@ impl<'m> Planner<'m> {
         } else {
             ActionOp::Untrack { crm_id, entry_id }
         };
-        ctx.act(row, op, LinkChange::Remove(crm_id), vec![])
+        ctx.act(row, op, LinkChange::Remove(crm_id), FieldNames::default())
     }
 
     /// Claims a meeting's GOID (if any) for `crm_id`, for the record `key` (settled later, in
@@ -1321,7 +1321,7 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn act(self, row: DecisionRow, op: ActionOp, link: LinkChange, conflicts: Vec<String>) -> Action {
+    fn act(self, row: DecisionRow, op: ActionOp, link: LinkChange, conflicts: FieldNames) -> Action {
         Action {
             order: self.order,
             object_type: self.object_type,
@@ -1346,7 +1346,7 @@ fn reject(order: ActionOrder, object_type: ObjectTypeCode, consumed: QueueIds, e
         row: DecisionRow::Invalid,
         op: ActionOp::Reject { error },
         link: LinkChange::Keep,
-        conflicts: vec![],
+        conflicts: FieldNames::default(),
         consumed,
         slot: SlotHint::default(),
     }
@@ -1438,7 +1438,7 @@ impl fmt::Display for Action {
             ActionOp::Reject { error } => writeln!(f, "  rejected: {error}")?,
         }
         if !self.conflicts.is_empty() {
-            writeln!(f, "  conflicts settled by policy: {}", self.conflicts.join(", "))?;
+            writeln!(f, "  conflicts settled by policy: {}", self.conflicts)?;
         }
         match &self.link {
             LinkChange::Keep => writeln!(f, "  mapping: unchanged"),

@@ -399,7 +399,7 @@ struct Grouping<'m> {
     /// Each run's `CrmId`, in one vector of their own (bisected when joining).
     run_ids: Vec<CrmId>,
     /// Each run's mapping entry.
-    mapped: Vec<Option<(u32, &'m MappingEntry)>>,
+    mapped: Vec<Option<u32>>,
     /// Unmapped items, coalesced, in `EntryId` order.
     items: Vec<Group<'m>>,
     /// Items joined to a record (by run), moved out of `items`.
@@ -665,8 +665,8 @@ impl<'m> Planner<'m> {
             runs.iter().map(|run| CrmId::from_u128(by_record[run.start as usize].0)).collect();
         // The mapping lookups in a loop of their own: each is a likely cache miss, and the
         // processor overlaps independent misses only when little other work sits between them.
-        let mapped: Vec<Option<(u32, &'m MappingEntry)>> =
-            run_ids.iter().map(|id| self.mapping.get_slotted(*id)).collect();
+        // Only the slot: the pair itself is read when the record is decided, asked for ahead.
+        let mapped: Vec<Option<u32>> = run_ids.iter().map(|id| self.mapping.slot_of(*id)).collect();
         let items = unmapped
             .chunk_by(|a, b| a.change.key() == b.change.key())
             .map(|run| Group::new(&[], run, None))
@@ -680,6 +680,7 @@ impl<'m> Planner<'m> {
     /// `Grouping::run_order`), then settles the claims they made in key order.
     fn decide_all(&mut self, grouping: Grouping<'m>, run_order: &[u32]) -> Vec<Action> {
         let Grouping { by_record, runs, mapped, items, mut joined, .. } = grouping;
+        let mapping = self.mapping;
         let mut items: Vec<Option<Group<'m>>> = items.into_iter().map(Some).collect();
         let mut actions = Vec::with_capacity(run_order.len());
         let mut claims: Vec<PlacedClaim> = Vec::new();
@@ -706,8 +707,8 @@ impl<'m> Planner<'m> {
             for e in &by_record[run.start as usize..run.end as usize] {
                 crate::prefetch::value(&e.2.change);
             }
-            if let Some((_, pair)) = mapped[r] {
-                crate::prefetch::value(pair);
+            if let Some(slot) = mapped[r] {
+                mapping.prefetch_slot(slot);
             }
         };
         let prefetch_blocks = |j: usize| {
@@ -721,7 +722,7 @@ impl<'m> Planner<'m> {
                     key.prefetch();
                 }
             }
-            if let Some((_, pair)) = mapped[r] {
+            if let Some(pair) = mapped[r].and_then(|slot| mapping.at_slot(slot)) {
                 pair.base.prefetch_all();
                 pair.entry_id.prefetch();
                 if let Some(goid) = &pair.goid {
@@ -756,7 +757,8 @@ impl<'m> Planner<'m> {
                     crm.extend(entries(run.start, run.outlook));
                     outlook.clear();
                     outlook.extend(entries(run.outlook, run.end));
-                    let mut group = Group::new(&crm, &outlook, mapped[r]);
+                    let pair = mapped[r].and_then(|slot| Some((slot, mapping.at_slot(slot)?)));
+                    let mut group = Group::new(&crm, &outlook, pair);
                     let joined_side = if joined.is_empty() { None } else { joined.remove(&r) };
                     if let Some((net, mut consumed)) = joined_side {
                         group.outlook = Some(net);

@@ -199,8 +199,21 @@ pub struct Action {
 /// A mapping slot remembered by the plan for settling. Only a hint: settling checks that the slot
 /// still holds the pair before using it, so it never changes an outcome, and two actions that
 /// differ only in their hints are equal.
+///
+/// Held as the slot plus one, so that an action carries it in 4 bytes (a mapping holds fewer than
+/// 2^32 - 1 pairs, so the sum never overflows).
 #[derive(Clone, Copy, Default)]
-pub(crate) struct SlotHint(pub(crate) Option<u32>);
+pub(crate) struct SlotHint(Option<std::num::NonZeroU32>);
+
+impl SlotHint {
+    pub(crate) fn new(slot: Option<u32>) -> Self {
+        SlotHint(slot.and_then(|slot| std::num::NonZeroU32::new(slot.wrapping_add(1))))
+    }
+
+    pub(crate) fn get(self) -> Option<u32> {
+        self.0.map(|n| n.get() - 1)
+    }
+}
 
 impl PartialEq for SlotHint {
     fn eq(&self, _: &SlotHint) -> bool {
@@ -339,7 +352,7 @@ impl<'m> Group<'m> {
         outlook: &[&'m QueueEntry],
         mapped: Option<(u32, &'m MappingEntry)>,
     ) -> Self {
-        let (slot, mapped) = (SlotHint(mapped.map(|m| m.0)), mapped.map(|m| m.1));
+        let (slot, mapped) = (SlotHint::new(mapped.map(|m| m.0)), mapped.map(|m| m.1));
         let mut group = Group {
             crm: None,
             outlook: None,

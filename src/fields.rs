@@ -53,8 +53,27 @@ pub enum FieldsError {
 /// unique. The part up to the end of the names (the *schema*: which fields, in which order) is
 /// therefore byte-equal for two sets exactly when they name the same fields, which lets a diff
 /// or merge of sets with the same fields compare values by position.
-#[derive(Clone, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Default, Eq)]
 pub struct Fields(Option<Arc<str>>);
+
+impl std::hash::Hash for Fields {
+    /// As the derived hash (of the block), kept with the hand-written `PartialEq`.
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state)
+    }
+}
+
+impl PartialEq for Fields {
+    /// Two clones of one set are equal without reading the block (an echo of the pair's own base
+    /// is often that very block).
+    #[inline]
+    fn eq(&self, other: &Fields) -> bool {
+        match (&self.0, &other.0) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
+            (a, b) => a.is_none() && b.is_none(),
+        }
+    }
+}
 
 /// Most bytes of names and values one field set may hold (the largest offset four base-32
 /// digits can write).
@@ -503,30 +522,26 @@ const _: () = assert!(FIELD_COUNT_MAX <= Mask::BITS as usize);
 /// `null`.
 ///
 /// Stored without copying: the values set are picked by position from one field set (`to`), the
-/// names cleared from another (`from`). A plan holds two patches per update, so the rare part
-/// (clearing) is boxed and a patch that sets nothing holds no field set.
+/// names cleared from another (`from`). A plan holds two patches per update, so the rare parts
+/// (clearing, and setting a field past the 64th) are boxed and a patch that sets nothing holds
+/// no field set: a patch is 32 bytes.
 #[derive(Clone, Default)]
 pub struct FieldPatch {
     /// Where the values set come from; empty when nothing is set.
     to: Fields,
-    set: Halves,
-    /// The names cleared and the set they are named in (`from`), when any are.
-    clears: Option<Box<(Fields, Mask)>>,
+    /// The positions set among the first 64 of `to`.
+    set: u64,
+    /// Present only when a field is cleared or one past the 64th is set.
+    rare: Option<Box<RareEdits>>,
 }
 
-/// A [`Mask`] stored as two words, so a patch (and an action holding two) needs no 16-byte
-/// alignment and carries no padding for it.
-#[derive(Clone, Copy, Default)]
-struct Halves([u64; 2]);
-
-impl Halves {
-    fn new(mask: Mask) -> Self {
-        Halves([mask as u64, (mask >> 64) as u64])
-    }
-
-    fn mask(self) -> Mask {
-        (self.0[1] as Mask) << 64 | self.0[0] as Mask
-    }
+/// The edits few patches make.
+#[derive(Clone)]
+struct RareEdits {
+    /// The positions set past the 64th of `to` (bit 0: the 65th).
+    set_high: u64,
+    /// The names cleared and the set they are named in (`from`), when any are.
+    clears: Option<(Fields, Mask)>,
 }
 
 impl FieldPatch {
@@ -535,11 +550,21 @@ impl FieldPatch {
     pub(crate) fn new(to: &Fields, set: Mask, from: &Fields, clear: Mask) -> Self {
         let within = |mask: Mask, f: &Fields| f.len() >= 128 || mask >> f.len() == 0;
         debug_assert!(within(set, to) && within(clear, from), "positions past the field set");
-        FieldPatch {
-            to: if set == 0 { Fields::empty() } else { to.clone() },
-            set: Halves::new(set),
-            clears: (clear != 0).then(|| Box::new((from.clone(), clear))),
-        }
+        let set_high = (set >> 64) as u64;
+        let rare = (set_high != 0 || clear != 0)
+            .then(|| Box::new(RareEdits { set_high, clears: (clear != 0).then(|| (from.clone(), clear)) }));
+        FieldPatch { to: if set == 0 { Fields::empty() } else { to.clone() }, set: set as u64, rare }
+    }
+
+    /// The positions of `to` set.
+    fn set_mask(&self) -> Mask {
+        let high = self.rare.as_ref().map_or(0, |rare| rare.set_high);
+        (high as Mask) << 64 | self.set as Mask
+    }
+
+    /// The names cleared: the set they are named in, and their positions in it.
+    fn clears(&self) -> Option<(&Fields, Mask)> {
+        self.rare.as_ref()?.clears.as_ref().map(|(from, clear)| (from, *clear))
     }
 
     /// The patch that turns `from` into `to`.
@@ -598,20 +623,20 @@ impl FieldPatch {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.set.0 == [0, 0] && self.clears.is_none()
+        self.set == 0 && self.rare.is_none()
     }
 
     pub fn len(&self) -> usize {
-        let cleared = self.clears.as_ref().map_or(0, |c| c.1.count_ones());
-        (self.set.mask().count_ones() + cleared) as usize
+        let cleared = self.clears().map_or(0, |c| c.1.count_ones());
+        (self.set_mask().count_ones() + cleared) as usize
     }
 
     /// The edits in name order.
     pub fn iter<'a>(&'a self) -> impl Iterator<Item = (&'a str, Option<&'a str>)> {
         let picked =
             |mask: Mask| move |(i, field): (usize, (&'a str, &'a str))| (mask >> i & 1 == 1).then_some(field);
-        let set = self.to.iter().enumerate().filter_map(picked(self.set.mask())).map(|(n, v)| (n, Some(v)));
-        let clears = self.clears.as_deref().map(|(from, clear)| (from.iter(), *clear));
+        let set = self.to.iter().enumerate().filter_map(picked(self.set_mask())).map(|(n, v)| (n, Some(v)));
+        let clears = self.clears().map(|(from, clear)| (from.iter(), clear));
         let clear = clears
             .into_iter()
             .flat_map(move |(from, clear)| from.enumerate().filter_map(picked(clear)))
@@ -674,6 +699,134 @@ impl fmt::Debug for FieldPatch {
 impl fmt::Display for FieldPatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write_edits(f, self.iter())
+    }
+}
+
+/// Names of some fields of one set, picked by position: the fields a merge found changed on both
+/// sides. Stored without copying, as a `FieldPatch` is (a shared set and a mask of its first 64
+/// positions; names past those are copied into a set of their own); reads as a list of names in
+/// name order.
+#[derive(Clone, Default)]
+pub struct FieldNames {
+    /// The set the names are picked from; empty when none is.
+    from: Fields,
+    /// The positions picked, or [`FieldNames::ALL`]: every name of `from`.
+    picked: u64,
+}
+
+impl FieldNames {
+    /// Every name of `from` (for a set of up to 64 fields, the same as picking each position).
+    const ALL: u64 = u64::MAX;
+
+    /// The names of `from` at the positions in `picked`.
+    pub(crate) fn new(from: &Fields, picked: Mask) -> Self {
+        debug_assert!(from.len() >= 128 || picked >> from.len() == 0, "positions past the field set");
+        if picked == 0 {
+            return FieldNames::default();
+        }
+        // Past the 64th position, or every one of the first 64 of a larger set (which `ALL`
+        // would read as every name): the names go into a set of their own.
+        if picked >> 64 != 0 || (picked as u64 == FieldNames::ALL && from.len() > 64) {
+            let names: Vec<&str> = from
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| picked >> i & 1 == 1)
+                .map(|(_, (name, _))| name)
+                .collect();
+            return FieldNames::of_sorted(&names);
+        }
+        FieldNames { from: from.clone(), picked: picked as u64 }
+    }
+
+    /// These names, distinct and in increasing order (checked again in debug builds).
+    pub(crate) fn of_sorted(names: &[&str]) -> Self {
+        if names.is_empty() {
+            return FieldNames::default();
+        }
+        let mut builder = FieldsBuilder::with_capacity(names.len());
+        for name in names {
+            builder.push(name, "");
+        }
+        let from = builder.build().expect("names of one valid field set fit in one");
+        FieldNames { from, picked: FieldNames::ALL }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.picked == 0
+    }
+
+    pub fn len(&self) -> usize {
+        if self.picked == FieldNames::ALL { self.from.len() } else { self.picked.count_ones() as usize }
+    }
+
+    /// The names in name order.
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        let picked = self.picked;
+        let all = picked == FieldNames::ALL;
+        self.from
+            .iter()
+            .enumerate()
+            .filter(move |&(i, _)| all || (i < 64 && picked >> i & 1 == 1))
+            .map(|(_, (name, _))| name)
+    }
+
+    pub fn to_vec(&self) -> Vec<String> {
+        self.iter().map(str::to_owned).collect()
+    }
+}
+
+impl PartialEq for FieldNames {
+    fn eq(&self, other: &FieldNames) -> bool {
+        self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for FieldNames {}
+
+impl<const N: usize> PartialEq<[&str; N]> for FieldNames {
+    fn eq(&self, other: &[&str; N]) -> bool {
+        self.iter().eq(other.iter().copied())
+    }
+}
+
+impl PartialEq<[String]> for FieldNames {
+    fn eq(&self, other: &[String]) -> bool {
+        self.iter().eq(other.iter().map(String::as_str))
+    }
+}
+
+impl fmt::Debug for FieldNames {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+impl fmt::Display for FieldNames {
+    /// `a, b, c`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, name) in self.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            f.write_str(name)?;
+        }
+        Ok(())
+    }
+}
+
+impl Serialize for FieldNames {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for FieldNames {
+    /// A list of names, each checked as a field name; given in any order, kept in name order.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let names = Vec::<String>::deserialize(d)?;
+        let from = Fields::try_from_pairs(names.iter().map(|n| (n, ""))).map_err(serde::de::Error::custom)?;
+        let picked = if from.is_empty() { 0 } else { FieldNames::ALL };
+        Ok(FieldNames { from, picked })
     }
 }
 
@@ -744,5 +897,37 @@ mod tests {
         assert_eq!(json, r#"{"a":null,"c":"3"}"#);
         assert_eq!(serde_json::from_str::<FieldPatch>(&json).unwrap(), patch);
         assert!(serde_json::from_str::<FieldPatch>(r#"{"":"x"}"#).is_err());
+    }
+
+    #[test]
+    fn patches_and_names_past_the_64th_field() {
+        // 100 fields: positions past 64 live in the boxed part of a patch, and conflict names
+        // past them in a set of their own.
+        let names: Vec<String> = (0..100).map(|i| format!("f{i:03}")).collect();
+        let old = Fields::try_from_pairs(names.iter().map(|n| (n.as_str(), "x"))).unwrap();
+        let new = Fields::try_from_pairs(names.iter().enumerate().map(|(i, n)| {
+            let value = if i % 9 == 0 { "y" } else { "x" };
+            (n.as_str(), value)
+        }))
+        .unwrap();
+        let patch = FieldPatch::between(&old, &new);
+        assert_eq!(patch.len(), 12);
+        assert_eq!(patch.iter().last(), Some(("f099", Some("y"))));
+        assert_eq!(patch.apply(&old).unwrap(), new);
+        let json = serde_json::to_string(&patch).unwrap();
+        assert_eq!(serde_json::from_str::<FieldPatch>(&json).unwrap(), patch);
+
+        let picked: Mask = 1 << 3 | 1 << 70 | 1 << 99;
+        let conflicts = FieldNames::new(&old, picked);
+        assert_eq!(conflicts, ["f003", "f070", "f099"]);
+        assert_eq!(conflicts.len(), 3);
+        assert_eq!(FieldNames::new(&old, 1 << 5), ["f005"]);
+        let first_64 = FieldNames::new(&old, (1 << 64) - 1);
+        assert_eq!((first_64.len(), first_64.iter().last()), (64, Some("f063")));
+        assert!(FieldNames::new(&old, 0).is_empty());
+        let json = serde_json::to_string(&conflicts).unwrap();
+        assert_eq!(json, r#"["f003","f070","f099"]"#);
+        assert_eq!(serde_json::from_str::<FieldNames>(&json).unwrap(), conflicts);
+        assert_eq!(conflicts.to_string(), "f003, f070, f099");
     }
 }

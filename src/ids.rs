@@ -114,9 +114,25 @@ impl fmt::Debug for CrmId {
 
 /// An Outlook item's id within one mailbox: opaque, non-empty, at most [`ENTRY_ID_LEN_MAX`] bytes.
 /// Cheap to clone (shared string).
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct EntryId(Arc<str>);
+
+impl PartialEq for EntryId {
+    /// Two clones of one id are equal without reading the text (which, for a pair's id met again
+    /// while settling, sits on a line last touched long ago).
+    #[inline]
+    fn eq(&self, other: &EntryId) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
+    }
+}
+
+impl std::hash::Hash for EntryId {
+    /// As the derived hash (of the text), kept with the hand-written `PartialEq`.
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state)
+    }
+}
 
 impl EntryId {
     pub fn new(id: impl Into<String>) -> Result<Self, IdError> {
@@ -174,9 +190,24 @@ impl fmt::Debug for EntryId {
 }
 
 /// A meeting's id shared by every attendee's copy of it. Bytes; written as lower-case hex.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct GlobalObjectId(Arc<[u8]>);
+
+impl PartialEq for GlobalObjectId {
+    /// Two clones of one id are equal without reading the bytes.
+    #[inline]
+    fn eq(&self, other: &GlobalObjectId) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
+    }
+}
+
+impl std::hash::Hash for GlobalObjectId {
+    /// As the derived hash (of the bytes), kept with the hand-written `PartialEq`.
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state)
+    }
+}
 
 impl GlobalObjectId {
     /// Asks for the line of the id's counts (what a clone or drop writes).

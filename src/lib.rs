@@ -53,7 +53,7 @@ pub use change::{
     Role, Side,
 };
 pub use entity::{EntityGroup, ObjectTypeCode, UnknownObjectTypeCode};
-pub use fields::{FieldPatch, Fields, FieldsError};
+pub use fields::{FieldNames, FieldPatch, Fields, FieldsError};
 pub use ids::{CrmId, EntryId, GlobalObjectId, IdError, VersionNumber};
 pub use mailbox::{
     ChangePage, Mailbox, MailboxChange, MailboxCursor, MailboxError, MailboxItem, MemoryMailbox, NewItem,

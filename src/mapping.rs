@@ -275,10 +275,10 @@ impl Mapping {
         }
     }
 
-    /// The pair of `crm_id` with its slot (a hint for [`Mapping::link_at`]).
-    pub(crate) fn get_slotted(&self, crm_id: CrmId) -> Option<(u32, &MappingEntry)> {
-        let slot = *self.by_crm.get(&crm_id)?;
-        Some((slot, self.slots[slot as usize].used()?))
+    /// The slot of the pair of `crm_id` (read it with [`Mapping::at_slot`]; a hint for
+    /// [`Mapping::link_at`]), without reading the pair.
+    pub(crate) fn slot_of(&self, crm_id: CrmId) -> Option<u32> {
+        self.by_crm.get(&crm_id).copied()
     }
 
     pub fn get(&self, crm_id: CrmId) -> Option<&MappingEntry> {

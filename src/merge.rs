@@ -15,7 +15,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::entity::ObjectTypeCode;
-use crate::fields::{FieldPatch, Fields, FieldsBuilder, FieldsError, Mask};
+use crate::fields::{FieldNames, FieldPatch, Fields, FieldsBuilder, FieldsError, Mask};
 use crate::policy::{FieldConflictPolicy, FieldSyncDirection, Policies};
 
 /// The result of a merge: the new agreed values and what to write to each side to reach them.
@@ -26,7 +26,7 @@ pub struct Merged {
     pub to_crm: FieldPatch,
     pub to_outlook: FieldPatch,
     /// Fields changed on both sides to different values, settled by `FieldConflictPolicy`.
-    pub conflicts: Vec<String>,
+    pub conflicts: FieldNames,
 }
 
 /// Merges the two sides' field values against `base`. `None` for a side means it has no change.
@@ -47,7 +47,7 @@ pub fn merge(
             let patch = FieldPatch::between(base, side);
             let (to_crm, to_outlook) =
                 if crm.is_some() { (FieldPatch::default(), patch) } else { (patch, FieldPatch::default()) };
-            return Ok(Merged { fields: side.clone(), to_crm, to_outlook, conflicts: Vec::new() });
+            return Ok(Merged { fields: side.clone(), to_crm, to_outlook, conflicts: FieldNames::default() });
         }
         _ => {}
     }
@@ -76,7 +76,7 @@ fn merge_same_fields(
     // The result takes, per field, the CRM value or the Outlook one (`pick_outlook`).
     let mut pick_outlook: Mask = 0;
     let (mut set_crm, mut set_outlook): (Mask, Mask) = (0, 0);
-    let mut conflicts = Vec::new();
+    let mut conflicts: Mask = 0;
     for i in 0..b.len() {
         let (bv, cv, ov) = (b.value_bytes(i), c.value_bytes(i), o.value_bytes(i));
         let take_outlook = if cv == ov || ov == bv {
@@ -84,7 +84,7 @@ fn merge_same_fields(
         } else if cv == bv {
             true
         } else {
-            conflicts.push(b.name(i).to_owned());
+            conflicts |= 1 << i;
             policies.field_conflict == FieldConflictPolicy::OutlookWins
         };
         let bit: Mask = 1 << i;
@@ -116,7 +116,7 @@ fn merge_same_fields(
         to_crm: FieldPatch::new(&fields, set_crm, crm, 0),
         to_outlook: FieldPatch::new(&fields, set_outlook, outlook, 0),
         fields,
-        conflicts,
+        conflicts: FieldNames::new(base, conflicts),
     }))
 }
 
@@ -143,7 +143,7 @@ fn merge_fields(
     let mut result_len: u32 = 0;
     let (mut set_crm, mut set_outlook, mut clear_crm, mut clear_outlook): (Mask, Mask, Mask, Mask) =
         (0, 0, 0, 0);
-    let mut conflicts = Vec::new();
+    let mut conflicts: Vec<&str> = Vec::new();
     walk(&lists, |name, at| {
         fn value<'a>(p: Option<Pick<'a>>) -> Option<&'a str> {
             p.map(|p| p.value)
@@ -158,7 +158,7 @@ fn merge_fields(
                 } else if same(c, b) {
                     o
                 } else {
-                    conflicts.push(name.to_owned());
+                    conflicts.push(name);
                     match policies.field_conflict {
                         FieldConflictPolicy::CrmWins => c,
                         FieldConflictPolicy::OutlookWins => o,
@@ -200,7 +200,7 @@ fn merge_fields(
         to_crm: FieldPatch::new(&fields, set_crm, crm, clear_crm),
         to_outlook: FieldPatch::new(&fields, set_outlook, outlook, clear_outlook),
         fields,
-        conflicts,
+        conflicts: FieldNames::of_sorted(&conflicts),
     })
 }
 

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::change::{ChangeKind, ChangeStamp, DeleteReason, Record, RecordKey, Side};
 use crate::entity::{EntityGroup, ObjectTypeCode};
-use crate::fields::{FieldPatch, Fields, FieldsError};
+use crate::fields::{FieldNames, FieldPatch, Fields, FieldsError};
 use crate::ids::{CrmId, EntryId, GlobalObjectId, VersionNumber};
 use crate::index::IdMap;
 use crate::mapping::{Mapping, MappingEntry};
@@ -187,7 +187,7 @@ pub struct Action {
     pub op: ActionOp,
     pub link: LinkChange,
     /// Fields changed on both sides and settled by `FieldConflictPolicy`.
-    pub conflicts: Vec<String>,
+    pub conflicts: FieldNames,
     /// The queue entries this action settles, in id order.
     pub consumed: QueueIds,
     /// Where the record's pair sat in the mapping when planned, so settling finds it without a
@@ -199,8 +199,21 @@ pub struct Action {
 /// A mapping slot remembered by the plan for settling. Only a hint: settling checks that the slot
 /// still holds the pair before using it, so it never changes an outcome, and two actions that
 /// differ only in their hints are equal.
+///
+/// Held as the slot plus one, so that an action carries it in 4 bytes (a mapping holds fewer than
+/// 2^32 - 1 pairs, so the sum never overflows).
 #[derive(Clone, Copy, Default)]
-pub(crate) struct SlotHint(pub(crate) Option<u32>);
+pub(crate) struct SlotHint(Option<std::num::NonZeroU32>);
+
+impl SlotHint {
+    pub(crate) fn new(slot: Option<u32>) -> Self {
+        SlotHint(slot.and_then(|slot| std::num::NonZeroU32::new(slot.wrapping_add(1))))
+    }
+
+    pub(crate) fn get(self) -> Option<u32> {
+        self.0.map(|n| n.get() - 1)
+    }
+}
 
 impl PartialEq for SlotHint {
     fn eq(&self, _: &SlotHint) -> bool {
@@ -263,12 +276,14 @@ pub fn plan(queue: &Queue, mapping: &Mapping, policies: &Policies) -> Result<Pla
         claimed_goids: IdMap::default(),
         run_crm_ids: Vec::new(),
         created_in_crm: IdMap::default(),
+        claims: Vec::new(),
     };
     let mut grouping = planner.group(queue);
     planner.run_crm_ids = std::mem::take(&mut grouping.run_ids);
-    let actions = planner.decide_all(grouping);
+    let run_order = grouping.run_order();
+    let actions = planner.decide_all(grouping, &run_order);
     check_mass_delete(&actions, mapping, policies)?;
-    Ok(Plan { actions: in_run_order(actions) })
+    Ok(Plan { actions })
 }
 
 fn check_mass_delete(actions: &[Action], mapping: &Mapping, policies: &Policies) -> Result<(), PlanError> {
@@ -305,17 +320,48 @@ struct Group<'m> {
     error: Option<Box<(ActionOrder, ObjectTypeCode, CoalesceError)>>,
     /// Every queue entry of the record, in id order.
     consumed: QueueIds,
+    /// For an unmapped item whose change carries a `CrmId`: what `Grouping::join_unmapped`
+    /// found out about that id, so `create_in_crm` need not look again.
+    stamp: Option<StampLookup<'m>>,
+}
+
+/// Where the `CrmId` stamped on an unmapped item stands.
+#[derive(Clone, Copy)]
+struct StampLookup<'m> {
+    /// The pair that holds the id, if one does.
+    holder: Option<&'m MappingEntry>,
+    /// Whether a record with changes in this run has the id.
+    in_run: bool,
 }
 
 impl<'m> Group<'m> {
+    /// What the group's action is ordered by (`ActionOrder`, borrowing the key): a rejected
+    /// record's first failing side's first entry, else the CRM side's net change, else the Outlook
+    /// side's. `None` for a group with nothing left (an item joined to a record).
+    fn order_parts(&self) -> Option<(ChangeKind, ChangeStamp, &RecordKey)> {
+        if let Some(error) = &self.error {
+            let order = &error.0;
+            return Some((order.kind, order.stamp, &order.key));
+        }
+        let primary = self.crm.as_ref().or(self.outlook.as_ref())?;
+        Some((primary.net.kind(), primary.stamp, primary.key))
+    }
+
     fn new(
         crm: &[&'m QueueEntry],
         outlook: &[&'m QueueEntry],
         mapped: Option<(u32, &'m MappingEntry)>,
     ) -> Self {
-        let (slot, mapped) = (SlotHint(mapped.map(|m| m.0)), mapped.map(|m| m.1));
-        let mut group =
-            Group { crm: None, outlook: None, mapped, slot, error: None, consumed: QueueIds::new() };
+        let (slot, mapped) = (SlotHint::new(mapped.map(|m| m.0)), mapped.map(|m| m.1));
+        let mut group = Group {
+            crm: None,
+            outlook: None,
+            mapped,
+            slot,
+            error: None,
+            consumed: QueueIds::new(),
+            stamp: None,
+        };
         for side in [crm, outlook] {
             if side.is_empty() {
                 continue;
@@ -366,7 +412,7 @@ struct Grouping<'m> {
     /// Each run's `CrmId`, in one vector of their own (bisected when joining).
     run_ids: Vec<CrmId>,
     /// Each run's mapping entry.
-    mapped: Vec<Option<(u32, &'m MappingEntry)>>,
+    mapped: Vec<Option<u32>>,
     /// Unmapped items, coalesced, in `EntryId` order.
     items: Vec<Group<'m>>,
     /// Items joined to a record (by run), moved out of `items`.
@@ -388,25 +434,34 @@ impl<'m> Grouping<'m> {
 
     /// Joins each unmapped item to the record of a new server record: by the `CrmId` stamped on
     /// the item, else, for a new meeting, by GOID. A joined item's side moves into `joined`.
-    fn join_unmapped(&mut self, mapping: &Mapping) {
+    fn join_unmapped(&mut self, mapping: &'m Mapping) {
         let join = |joined: &mut IdMap<_, _>, r: usize, item: &mut Group<'m>| {
             if let Some(net) = item.outlook.take() {
                 joined.insert(r, (net, std::mem::take(&mut item.consumed)));
             }
         };
         // Stamps first: an item stamped with a record's id is that record, whatever its GOID.
-        for i in 0..self.items.len() {
-            let item = &self.items[i];
-            let Some(stamp) = item.outlook.as_ref().and_then(|o| o.net.record().and(o.crm_id)) else {
-                continue;
-            };
-            if mapping.get(stamp).is_some() {
+        // Items in stamp order (then item order, so of two items with one stamp the first is
+        // joined), walked along the records' ids in one pass instead of a bisection each.
+        let mut stamped: Vec<(CrmId, usize)> = (self.items.iter().enumerate())
+            .filter_map(|(i, item)| {
+                item.outlook.as_ref().and_then(|o| o.net.record().and(o.crm_id)).map(|s| (s, i))
+            })
+            .collect();
+        stamped.sort_unstable();
+        let mut r = 0;
+        for (stamp, i) in stamped {
+            while self.run_ids.get(r).is_some_and(|id| *id < stamp) {
+                r += 1;
+            }
+            let lookup =
+                StampLookup { holder: mapping.get(stamp), in_run: self.run_ids.get(r) == Some(&stamp) };
+            self.items[i].stamp = Some(lookup);
+            if lookup.holder.is_some() {
                 continue; // a copy of a held item: refused in `create_in_crm`
             }
-            if let Ok(r) = self.run_ids.binary_search(&stamp) {
-                if self.new_record(r).is_some() {
-                    join(&mut self.joined, r, &mut self.items[i]);
-                }
+            if lookup.in_run && self.new_record(r).is_some() {
+                join(&mut self.joined, r, &mut self.items[i]);
             }
         }
         // Then new meetings by GOID, among the records still unjoined: the first record (in key
@@ -449,67 +504,103 @@ impl<'m> Grouping<'m> {
     }
 }
 
-/// Sorts actions into run order (`ActionOrder`): sorts one number per action (kind, then stamp,
-/// then the action's index), breaks the rare ties of that number by the full order (kind and
-/// stamp equal, by key; or two times inside one leap second, whose nanoseconds past 2^30 - 1 the
-/// number cannot hold), and moves each action once.
-fn in_run_order(actions: Vec<Action>) -> Vec<Action> {
-    // kind: 2 bits | side of the stamp: 1 bit | seconds or version: 64 bits | nanoseconds: 30 bits
-    // | index: 31 bits (a queue holds at most 16M entries, so at most as many actions).
-    const INDEX_BITS: u32 = 31;
-    debug_assert!(actions.len() < 1 << INDEX_BITS);
-    let packed = |order: &ActionOrder| -> u128 {
-        let (side, high, nanos) = match order.stamp {
-            ChangeStamp::Crm(v) => (0u128, v.0, 0u32),
-            ChangeStamp::Outlook(t) => {
-                (1, (t.timestamp() as u64) ^ (1 << 63), t.timestamp_subsec_nanos().min((1 << 30) - 1))
-            }
-        };
-        (order.kind as u128) << 95 | side << 94 | (high as u128) << 30 | nanos as u128
+/// How many bits of a run-order key hold the record's index (a queue holds at most 16M entries,
+/// so at most as many records).
+const INDEX_BITS: u32 = 31;
+
+/// A record's place in the run as one number: kind: 2 bits | side of the stamp: 1 bit | seconds
+/// or version: 64 bits | nanoseconds: 30 bits | record index: 31 bits. Ordered as `ActionOrder`
+/// up to the key, except for two Outlook times inside one leap second (nanoseconds past
+/// 2^30 - 1 the number cannot hold), which tie and are then ordered in full.
+fn packed_order(kind: ChangeKind, stamp: ChangeStamp, index: usize) -> u128 {
+    debug_assert!(index < 1 << INDEX_BITS);
+    let (side, high, nanos) = match stamp {
+        ChangeStamp::Crm(v) => (0u128, v.0, 0u32),
+        ChangeStamp::Outlook(t) => {
+            (1, (t.timestamp() as u64) ^ (1 << 63), t.timestamp_subsec_nanos().min((1 << 30) - 1))
+        }
     };
-    let index = |key: u128| (key & ((1 << INDEX_BITS) - 1)) as usize;
-    let mut keys: Vec<u128> =
-        actions.iter().enumerate().map(|(i, a)| packed(&a.order) << INDEX_BITS | i as u128).collect();
-    keys.sort_unstable();
-    for run in keys.chunk_by_mut(|a, b| a >> INDEX_BITS == b >> INDEX_BITS).filter(|run| run.len() > 1) {
-        run.sort_unstable_by(|a, b| actions[index(*a)].order.cmp(&actions[index(*b)].order));
-    }
-    // Apply the permutation in place, one cycle at a time: position j takes the action at
-    // index(keys[j]). No second vector of actions is allocated. Each step reads an action far
-    // away; the cycle is known ahead, so the actions a few steps on are asked for early.
-    const AHEAD: usize = 8;
-    let mut actions = actions;
-    let mut from: Vec<u32> = keys.into_iter().map(|key| index(key) as u32).collect();
-    for start in 0..from.len() {
-        if from[start] as usize == start {
-            continue;
-        }
-        let mut ahead = start;
-        for _ in 0..AHEAD {
-            ahead = from[ahead] as usize;
-            crate::prefetch::value(&actions[ahead]);
-            if ahead == start {
-                break;
-            }
-        }
-        let mut j = start;
-        while from[j] as usize != start {
-            let k = from[j] as usize;
-            if ahead != start {
-                ahead = from[ahead] as usize;
-                crate::prefetch::value(&actions[ahead]);
-            }
-            actions.swap(j, k);
-            from[j] = j as u32;
-            j = k;
-        }
-        from[j] = j as u32;
-    }
-    actions
+    ((kind as u128) << 95 | side << 94 | (high as u128) << 30 | nanos as u128) << INDEX_BITS | index as u128
 }
 
-/// How many records ahead `decide_all` asks for a record's queue entries and pair, and (nearer)
-/// for the field blocks they point to.
+impl<'m> Grouping<'m> {
+    /// The records in run order (`ActionOrder`), each named by its index: `r` for run `r`,
+    /// `runs.len() + k` for item `k` (items with nothing left, joined to a record, are left out).
+    ///
+    /// Found before deciding, so the actions are made in the order they run and never moved:
+    /// a record's order depends only on its coalesced sides, not on the decision. Sorts one
+    /// number per record (`packed_order`), then the rare ties of that number by the full order.
+    fn run_order(&self) -> Vec<u32> {
+        let mut keys: Vec<u128> = Vec::with_capacity(self.runs.len() + self.items.len());
+        for r in 0..PREFETCH_ENTRIES {
+            self.prefetch_heads(r);
+        }
+        for r in 0..self.runs.len() {
+            self.prefetch_heads(r + PREFETCH_ENTRIES);
+            keys.push(self.run_order_parts(r, |kind, stamp, _| packed_order(kind, stamp, r)));
+        }
+        for (k, item) in self.items.iter().enumerate() {
+            if let Some((kind, stamp, _)) = item.order_parts() {
+                keys.push(packed_order(kind, stamp, self.runs.len() + k));
+            }
+        }
+        keys.sort_unstable();
+        let index = |key: u128| (key & ((1 << INDEX_BITS) - 1)) as usize;
+        for tie in keys.chunk_by_mut(|a, b| a >> INDEX_BITS == b >> INDEX_BITS).filter(|tie| tie.len() > 1) {
+            // Two records never share a key, so their full orders differ.
+            let mut full: Vec<(ActionOrder, u128)> =
+                tie.iter().map(|&key| (self.order_of(index(key)), key)).collect();
+            full.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            for (slot, (_, key)) in tie.iter_mut().zip(full) {
+                *slot = key;
+            }
+        }
+        keys.into_iter().map(|key| index(key) as u32).collect()
+    }
+
+    /// Asks for the queue entries of run `r`, whose heads `run_order_parts` reads.
+    fn prefetch_heads(&self, r: usize) {
+        let Some(run) = self.runs.get(r) else { return };
+        for e in &self.by_record[run.start as usize..run.end as usize] {
+            crate::prefetch::value(&e.2.change);
+        }
+    }
+
+    /// Calls `f` with what run `r`'s action is ordered by (`Group::order_parts`). A run whose
+    /// sides hold one change each at most needs no coalescing: its net change is that change.
+    fn run_order_parts<R>(&self, r: usize, f: impl FnOnce(ChangeKind, ChangeStamp, &RecordKey) -> R) -> R {
+        let run = &self.runs[r];
+        let (crm, outlook) = (run.outlook - run.start, run.end - run.outlook);
+        if crm <= 1 && outlook <= 1 {
+            let head = &self.by_record[run.start as usize].2.change;
+            return f(head.kind(), head.stamp(), head.key());
+        }
+        let side = |from: u32, to: u32| -> Vec<&QueueEntry> {
+            self.by_record[from as usize..to as usize].iter().map(|e| e.2).collect()
+        };
+        let group = Group::new(&side(run.start, run.outlook), &side(run.outlook, run.end), None);
+        let (kind, stamp, key) = group.order_parts().expect("a run has at least one change");
+        f(kind, stamp, key)
+    }
+
+    /// The full order of record `i` (see `run_order`).
+    fn order_of(&self, i: usize) -> ActionOrder {
+        let order = |kind, stamp, key: &RecordKey| ActionOrder { kind, stamp, key: key.clone() };
+        match i.checked_sub(self.runs.len()) {
+            None => self.run_order_parts(i, order),
+            Some(k) => {
+                let (kind, stamp, key) =
+                    self.items[k].order_parts().expect("only items with a change are ordered");
+                order(kind, stamp, key)
+            }
+        }
+    }
+}
+
+/// How many records ahead `decide_all` asks for a record's run (and, nearer, its entries in
+/// `by_record`), its queue entries and pair, and (nearer still) for the field blocks they point to.
+const PREFETCH_RUNS: usize = 48;
+const PREFETCH_RUN_ENTRIES: usize = 32;
 const PREFETCH_ENTRIES: usize = 16;
 const PREFETCH_BLOCKS: usize = 8;
 
@@ -522,6 +613,30 @@ struct Planner<'m> {
     run_crm_ids: Vec<CrmId>,
     /// The `CrmId`s this plan creates in CRM for Outlook items.
     created_in_crm: IdMap<CrmId, ()>,
+    /// The claims the record being decided makes (see `Claim`), in the order it makes them, each
+    /// with the record's key when it is not its action's (see `Planner::claim`).
+    claims: Vec<(Claim, Option<RecordKey>)>,
+}
+
+/// A claim a record's decision makes on what two records of one run must not share. Records are
+/// decided in run order, but a claim goes to the first record in key order (`CrmId`, then
+/// `EntryId`), whatever the run order: so a decision is made as if its claims hold, and the
+/// claims are settled afterwards in key order (`Planner::settle_claims`), turning the action of
+/// a record that loses one into the rejection it would have been.
+enum Claim {
+    /// The record's Outlook item is created in CRM under this id.
+    CreateInCrm(CrmId),
+    /// The meeting is synced as this record.
+    Goid(GlobalObjectId, CrmId),
+}
+
+/// A claim of the record with index `record` (in key order; see `Grouping::run_order`), whose
+/// action sits at `position` in the plan; `key` is the record's key when it is not the action's.
+struct PlacedClaim {
+    record: u32,
+    position: u32,
+    claim: Claim,
+    key: Option<RecordKey>,
 }
 
 impl<'m> Planner<'m> {
@@ -563,8 +678,8 @@ impl<'m> Planner<'m> {
             runs.iter().map(|run| CrmId::from_u128(by_record[run.start as usize].0)).collect();
         // The mapping lookups in a loop of their own: each is a likely cache miss, and the
         // processor overlaps independent misses only when little other work sits between them.
-        let mapped: Vec<Option<(u32, &'m MappingEntry)>> =
-            run_ids.iter().map(|id| self.mapping.get_slotted(*id)).collect();
+        // Only the slot: the pair itself is read when the record is decided, asked for ahead.
+        let mapped: Vec<Option<u32>> = run_ids.iter().map(|id| self.mapping.slot_of(*id)).collect();
         let items = unmapped
             .chunk_by(|a, b| a.change.key() == b.change.key())
             .map(|run| Group::new(&[], run, None))
@@ -574,31 +689,53 @@ impl<'m> Planner<'m> {
         grouping
     }
 
-    /// Decides every record, then every unjoined item, in key order.
-    fn decide_all(&mut self, grouping: Grouping<'m>) -> Vec<Action> {
+    /// Decides every record and every unjoined item, in run order (`run_order`, from
+    /// `Grouping::run_order`), then settles the claims they made in key order.
+    fn decide_all(&mut self, grouping: Grouping<'m>, run_order: &[u32]) -> Vec<Action> {
         let Grouping { by_record, runs, mapped, items, mut joined, .. } = grouping;
-        let mut actions = Vec::with_capacity(runs.len() + items.len());
+        let mapping = self.mapping;
+        let mut items: Vec<Option<Group<'m>>> = items.into_iter().map(Some).collect();
+        let mut actions = Vec::with_capacity(run_order.len());
+        let mut claims: Vec<PlacedClaim> = Vec::new();
         let (mut crm, mut outlook): (Vec<&QueueEntry>, Vec<&QueueEntry>) = (Vec::new(), Vec::new());
-        // Deciding a record reads its queue entries, its pair, and the field blocks both point to,
-        // all last touched long ago: ask for those of the records a little ahead (first the
-        // entries and pairs, then, nearer, the blocks they point to).
-        let prefetch_entries = |r: usize| {
-            let Some(run) = runs.get(r) else { return };
+        // Deciding a record reads its run, its queue entries, its pair, and the field blocks both
+        // point to, all last touched long ago and, in run order, far apart: ask for those of the
+        // records a little ahead (first the runs, then the entries and pairs they name, then,
+        // nearer, the blocks those point to).
+        let run_at = |j: usize| run_order.get(j).map(|&i| i as usize).filter(|&i| i < runs.len());
+        let prefetch_runs = |j: usize| {
+            let Some(r) = run_at(j) else { return };
+            crate::prefetch::value(&runs[r]);
+            crate::prefetch::value(&mapped[r]);
+        };
+        let prefetch_runs_entries = |j: usize| {
+            let Some(r) = run_at(j) else { return };
+            let run = &runs[r];
+            crate::prefetch::line(&by_record[run.start as usize]);
+            crate::prefetch::line(&by_record[run.end as usize - 1]);
+        };
+        let prefetch_entries = |j: usize| {
+            let Some(r) = run_at(j) else { return };
+            let run = &runs[r];
             for e in &by_record[run.start as usize..run.end as usize] {
                 crate::prefetch::value(&e.2.change);
             }
-            if let Some(Some((_, pair))) = mapped.get(r) {
-                crate::prefetch::value(*pair);
+            if let Some(slot) = mapped[r] {
+                mapping.prefetch_slot(slot);
             }
         };
-        let prefetch_blocks = |r: usize| {
-            let Some(run) = runs.get(r) else { return };
+        let prefetch_blocks = |j: usize| {
+            let Some(r) = run_at(j) else { return };
+            let run = &runs[r];
             for e in &by_record[run.start as usize..run.end as usize] {
                 if let Some(record) = e.2.change.record() {
                     record.fields.prefetch_all();
                 }
+                if let RecordKey::Outlook(key) = e.2.change.key() {
+                    key.prefetch();
+                }
             }
-            if let Some(Some((_, pair))) = mapped.get(r) {
+            if let Some(pair) = mapped[r].and_then(|slot| mapping.at_slot(slot)) {
                 pair.base.prefetch_all();
                 pair.entry_id.prefetch();
                 if let Some(goid) = &pair.goid {
@@ -606,45 +743,100 @@ impl<'m> Planner<'m> {
                 }
             }
         };
-        for r in 0..PREFETCH_ENTRIES {
-            prefetch_entries(r);
+        for j in 0..PREFETCH_RUNS {
+            prefetch_runs(j);
         }
-        for r in 0..PREFETCH_BLOCKS {
-            prefetch_blocks(r);
+        for j in 0..PREFETCH_RUN_ENTRIES {
+            prefetch_runs_entries(j);
         }
-        for (r, (run, mapped)) in runs.iter().zip(mapped.iter().copied()).enumerate() {
-            prefetch_entries(r + PREFETCH_ENTRIES);
-            prefetch_blocks(r + PREFETCH_BLOCKS);
-            let entries = |from: u32, to: u32| by_record[from as usize..to as usize].iter().map(|e| e.2);
-            crm.clear();
-            crm.extend(entries(run.start, run.outlook));
-            outlook.clear();
-            outlook.extend(entries(run.outlook, run.end));
-            let mut group = Group::new(&crm, &outlook, mapped);
-            let joined_side = if joined.is_empty() { None } else { joined.remove(&r) };
-            if let Some((net, mut consumed)) = joined_side {
-                group.outlook = Some(net);
-                group.consumed.append(&mut consumed);
-                group.consumed.sort_unstable();
-            }
-            if group.crm.is_some() || group.outlook.is_some() || group.error.is_some() {
-                actions.push(self.decide(group));
-            }
+        for j in 0..PREFETCH_ENTRIES {
+            prefetch_entries(j);
         }
-        for group in items {
-            if group.crm.is_some() || group.outlook.is_some() || group.error.is_some() {
-                actions.push(self.decide(group));
-            }
+        for j in 0..PREFETCH_BLOCKS {
+            prefetch_blocks(j);
         }
+        for (j, &i) in run_order.iter().enumerate() {
+            prefetch_runs(j + PREFETCH_RUNS);
+            prefetch_runs_entries(j + PREFETCH_RUN_ENTRIES);
+            prefetch_entries(j + PREFETCH_ENTRIES);
+            prefetch_blocks(j + PREFETCH_BLOCKS);
+            let r = i as usize;
+            let group = match r.checked_sub(runs.len()) {
+                None => {
+                    let run = &runs[r];
+                    let entries =
+                        |from: u32, to: u32| by_record[from as usize..to as usize].iter().map(|e| e.2);
+                    crm.clear();
+                    crm.extend(entries(run.start, run.outlook));
+                    outlook.clear();
+                    outlook.extend(entries(run.outlook, run.end));
+                    let pair = mapped[r].and_then(|slot| Some((slot, mapping.at_slot(slot)?)));
+                    let mut group = Group::new(&crm, &outlook, pair);
+                    let joined_side = if joined.is_empty() { None } else { joined.remove(&r) };
+                    if let Some((net, mut consumed)) = joined_side {
+                        group.outlook = Some(net);
+                        group.consumed.append(&mut consumed);
+                        group.consumed.sort_unstable();
+                    }
+                    group
+                }
+                Some(k) => items[k].take().expect("each item is ordered once"),
+            };
+            debug_assert!(group.order_parts().is_some(), "only records with a change are ordered");
+            let action = self.decide(group);
+            let position = actions.len() as u32;
+            claims.extend(self.claims.drain(..).map(|(claim, key)| PlacedClaim {
+                record: i,
+                position,
+                claim,
+                key,
+            }));
+            actions.push(action);
+        }
+        self.settle_claims(&mut actions, claims);
         actions
     }
 
+    /// Settles the claims the decisions made, in key order, as deciding the records in key order
+    /// would have: a record's claims in the order it made them, none after one it loses; the
+    /// action of a record that loses one becomes its rejection.
+    fn settle_claims(&mut self, actions: &mut [Action], mut claims: Vec<PlacedClaim>) {
+        // Stable: a record's claims stay in the order it made them.
+        claims.sort_by_key(|c| c.record);
+        let mut lost: Option<u32> = None;
+        for PlacedClaim { record, position, claim, key } in claims {
+            if lost == Some(record) {
+                continue;
+            }
+            let action = &mut actions[position as usize];
+            let key = || key.unwrap_or_else(|| action.order.key.clone());
+            let refused = match claim {
+                Claim::CreateInCrm(crm_id) => match self.created_in_crm.insert(crm_id, ()) {
+                    Some(()) => match key() {
+                        RecordKey::Outlook(entry_id) => Some(RecordError::StampInUse { entry_id, crm_id }),
+                        RecordKey::Crm(_) => unreachable!("an item created in CRM is keyed by its EntryId"),
+                    },
+                    None => None,
+                },
+                Claim::Goid(goid, crm_id) => match self.claim_goid(&goid, crm_id) {
+                    Err(holder) => Some(RecordError::DuplicateGoid { key: key(), goid, holder }),
+                    Ok(()) => None,
+                },
+            };
+            if let Some(error) = refused {
+                lost = Some(record);
+                *action = reject(action.order.clone(), action.object_type, action.consumed.clone(), error);
+            }
+        }
+    }
+
     fn decide(&mut self, group: Group<'m>) -> Action {
-        let Group { crm, outlook, mapped, slot, error, consumed } = group;
+        let Group { crm, outlook, mapped, slot, error, consumed, stamp } = group;
         if let Some((order, object_type, error)) = error.map(|e| *e) {
             return reject(order, object_type, consumed, error.into());
         }
         let primary = crm.as_ref().or(outlook.as_ref()).expect("a group has at least one side");
+        // As `Group::order_parts`, which `Grouping::run_order` sorted the records by.
         let order = ActionOrder { kind: primary.net.kind(), stamp: primary.stamp, key: primary.key.clone() };
         let object_type = primary.object_type;
         let ctx = Ctx { order, object_type, consumed, slot };
@@ -719,7 +911,7 @@ impl<'m> Planner<'m> {
                     )),
                     None => LinkChange::Keep,
                 };
-                ctx.act(DecisionRow::NoChange, ActionOp::Drop { why }, link, vec![])
+                ctx.act(DecisionRow::NoChange, ActionOp::Drop { why }, link, FieldNames::default())
             }
             (Some(Write(c)), None, None) => self.create_in_outlook(ctx, &crm, c),
             (Some(Write(c)), None, Some(m)) => {
@@ -730,11 +922,11 @@ impl<'m> Planner<'m> {
                 DecisionRow::CrmDeleteUnmapped,
                 ActionOp::Drop { why: DropReason::NotHeld },
                 LinkChange::Keep,
-                vec![],
+                FieldNames::default(),
             ),
             (None, Some(Write(o)), None) => {
                 let entry_id = entry_id_of(&outlook).expect("an Outlook net is keyed by EntryId");
-                self.create_in_crm(ctx, entry_id, o, outlook.as_ref().and_then(|o| o.crm_id))
+                self.create_in_crm(ctx, entry_id, o, outlook.as_ref().and_then(|o| o.crm_id), stamp)
             }
             (None, Some(Write(o)), Some(m)) => {
                 // A CRM change dropped as an echo still says which version holds the base:
@@ -747,7 +939,7 @@ impl<'m> Planner<'m> {
                 DecisionRow::OutlookDeleteUnmapped,
                 ActionOp::Drop { why: DropReason::NotHeld },
                 LinkChange::Keep,
-                vec![],
+                FieldNames::default(),
             ),
             (Some(Write(c)), Some(Write(o)), Some(m)) => {
                 self.update(ctx, DecisionRow::BothUpdated, m, Some(c), Some(o), crm_version(&crm))
@@ -777,7 +969,7 @@ impl<'m> Planner<'m> {
                         m,
                         crm_version(&crm),
                     );
-                    ctx.act(DecisionRow::UpdateVsDelete, op, LinkChange::Link(link), vec![])
+                    ctx.act(DecisionRow::UpdateVsDelete, op, LinkChange::Link(link), FieldNames::default())
                 }
                 UpdateVsDeletePolicy::DeleteWins => self.outlook_delete(ctx, DecisionRow::UpdateVsDelete, m),
             },
@@ -788,7 +980,7 @@ impl<'m> Planner<'m> {
                     DecisionRow::UpdateVsDelete,
                     ActionOp::Untrack { crm_id: m.crm_id, entry_id: m.entry_id.clone() },
                     LinkChange::Remove(m.crm_id),
-                    vec![],
+                    FieldNames::default(),
                 ),
                 (DeleteReason::Deleted, UpdateVsDeletePolicy::UpdateWins) => {
                     let last = written_before_delete(&crm, m);
@@ -832,7 +1024,7 @@ impl<'m> Planner<'m> {
                 DecisionRow::BothDeleted,
                 ActionOp::Untrack { crm_id: m.crm_id, entry_id: m.entry_id.clone() },
                 LinkChange::Remove(m.crm_id),
-                vec![],
+                FieldNames::default(),
             ),
             // Joined by the stamp: the record was deleted in CRM before the item created for it
             // was ever mapped. The item stays, untracked.
@@ -843,7 +1035,7 @@ impl<'m> Planner<'m> {
                     DecisionRow::CrmDeleteUnmapped,
                     ActionOp::Untrack { crm_id, entry_id },
                     LinkChange::Keep,
-                    vec![],
+                    FieldNames::default(),
                 )
             }
             // Unmapped Outlook deletes are never joined, so these cannot meet; treat the CRM side
@@ -853,7 +1045,7 @@ impl<'m> Planner<'m> {
                 DecisionRow::CrmDeleteUnmapped,
                 ActionOp::Drop { why: DropReason::NotHeld },
                 LinkChange::Keep,
-                vec![],
+                FieldNames::default(),
             ),
         }
     }
@@ -909,9 +1101,7 @@ impl<'m> Planner<'m> {
 
     fn create_in_outlook(&mut self, ctx: Ctx, crm: &Option<Coalesced>, record: &Record) -> Action {
         let crm_id = crm.as_ref().map(|c| crm_id_key(c.key)).expect("CRM side present");
-        if let Err(error) = self.claim_goid_for(record.goid.as_ref(), crm_id, || RecordKey::Crm(crm_id)) {
-            return ctx.reject(error);
-        }
+        self.claim_goid_for(&ctx, record.goid.as_ref(), crm_id, &RecordKey::Crm(crm_id));
         let merged = merged_or_reject!(
             ctx,
             merge(&Fields::empty(), Some(&record.fields), None, ctx.object_type, self.policies)
@@ -928,7 +1118,7 @@ impl<'m> Planner<'m> {
             status: record.status,
             crm_version: crm_version(crm),
         };
-        ctx.act(DecisionRow::CrmChangeUnmapped, op, LinkChange::Link(link), vec![])
+        ctx.act(DecisionRow::CrmChangeUnmapped, op, LinkChange::Link(link), FieldNames::default())
     }
 
     fn create_in_crm(
@@ -937,25 +1127,28 @@ impl<'m> Planner<'m> {
         entry_id: EntryId,
         record: &Record,
         stamp: Option<CrmId>,
+        looked_up: Option<StampLookup<'m>>,
     ) -> Action {
         let Some(crm_id) = stamp else {
             return ctx.reject(RecordError::MissingCrmId { entry_id });
         };
-        if let Some(holder) = self.mapping.get(crm_id) {
+        let StampLookup { holder, in_run } = looked_up.unwrap_or_else(|| StampLookup {
+            holder: self.mapping.get(crm_id),
+            in_run: self.run_crm_ids.binary_search(&crm_id).is_ok(),
+        });
+        if let Some(holder) = holder {
             let holder = holder.entry_id.clone();
             return ctx.reject(RecordError::StampTaken { entry_id, crm_id, holder });
         }
         // The id belongs to a record with changes in this run, or another item of this run is
         // created under it: creating it again would give one CrmId two records or two items.
-        let in_run = self.run_crm_ids.binary_search(&crm_id).is_ok();
-        if in_run || self.created_in_crm.insert(crm_id, ()).is_some() {
+        if in_run {
             return ctx.reject(RecordError::StampInUse { entry_id, crm_id });
         }
-        if let Err(error) =
-            self.claim_goid_for(record.goid.as_ref(), crm_id, || RecordKey::Outlook(entry_id.clone()))
-        {
-            return ctx.reject(error);
-        }
+        let key = RecordKey::Outlook(entry_id);
+        self.claim(&ctx, Claim::CreateInCrm(crm_id), &key);
+        self.claim_goid_for(&ctx, record.goid.as_ref(), crm_id, &key);
+        let RecordKey::Outlook(entry_id) = key else { unreachable!("made above") };
         let merged = merged_or_reject!(
             ctx,
             merge(&Fields::empty(), None, Some(&record.fields), ctx.object_type, self.policies)
@@ -976,7 +1169,7 @@ impl<'m> Planner<'m> {
             status: record.status,
             crm_version: None,
         };
-        ctx.act(DecisionRow::OutlookChangeUnmapped, op, LinkChange::Link(link), vec![])
+        ctx.act(DecisionRow::OutlookChangeUnmapped, op, LinkChange::Link(link), FieldNames::default())
     }
 
     /// The create/create row: a new server record and a new Outlook item that are the same record
@@ -993,9 +1186,7 @@ impl<'m> Planner<'m> {
             unreachable!("a joined group is keyed by its CRM side")
         };
         let goid = crm.goid.clone().or_else(|| outlook.goid.clone());
-        if let Err(error) = self.claim_goid_for(goid.as_ref(), crm_id, || RecordKey::Crm(crm_id)) {
-            return ctx.reject(error);
-        }
+        self.claim_goid_for(&ctx, goid.as_ref(), crm_id, &RecordKey::Crm(crm_id));
         let merged = merged_or_reject!(
             ctx,
             merge(&Fields::empty(), Some(&crm.fields), Some(&outlook.fields), ctx.object_type, self.policies)
@@ -1066,7 +1257,7 @@ impl<'m> Planner<'m> {
         } else {
             ActionOp::Untrack { crm_id, entry_id }
         };
-        ctx.act(row, op, LinkChange::Remove(crm_id), vec![])
+        ctx.act(row, op, LinkChange::Remove(crm_id), FieldNames::default())
     }
 
     fn outlook_delete(&self, ctx: Ctx, row: DecisionRow, m: &MappingEntry) -> Action {
@@ -1076,22 +1267,24 @@ impl<'m> Planner<'m> {
         } else {
             ActionOp::Untrack { crm_id, entry_id }
         };
-        ctx.act(row, op, LinkChange::Remove(crm_id), vec![])
+        ctx.act(row, op, LinkChange::Remove(crm_id), FieldNames::default())
     }
 
-    /// Claims a meeting's GOID (if any) for `crm_id`, or the record's `DuplicateGoid` error.
-    fn claim_goid_for(
-        &mut self,
-        goid: Option<&GlobalObjectId>,
-        crm_id: CrmId,
-        key: impl FnOnce() -> RecordKey,
-    ) -> Result<(), RecordError> {
-        let Some(goid) = goid else { return Ok(()) };
-        self.claim_goid(goid, crm_id).map_err(|holder| RecordError::DuplicateGoid {
-            key: key(),
-            goid: goid.clone(),
-            holder,
-        })
+    /// Claims a meeting's GOID (if any) for `crm_id`, for the record `key` (settled later, in
+    /// key order: `settle_claims`; a record that loses it gets its `DuplicateGoid` error).
+    fn claim_goid_for(&mut self, ctx: &Ctx, goid: Option<&GlobalObjectId>, crm_id: CrmId, key: &RecordKey) {
+        if let Some(goid) = goid {
+            self.claim(ctx, Claim::Goid(goid.clone(), crm_id), key);
+        }
+    }
+
+    /// Makes a claim for the record `key` (named in the error if the claim is lost), settled later
+    /// (`settle_claims`). The key is kept only when it is not the action's own, which it always
+    /// is but for a record no claim can be lost by: keeping it would cost a count on a shared
+    /// string, and then, long after, another one to drop it.
+    fn claim(&mut self, ctx: &Ctx, claim: Claim, key: &RecordKey) {
+        let key = (*key != ctx.order.key).then(|| key.clone());
+        self.claims.push((claim, key));
     }
 
     /// Claims a meeting's GOID for `crm_id`; fails with the holder when another record already
@@ -1143,7 +1336,7 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn act(self, row: DecisionRow, op: ActionOp, link: LinkChange, conflicts: Vec<String>) -> Action {
+    fn act(self, row: DecisionRow, op: ActionOp, link: LinkChange, conflicts: FieldNames) -> Action {
         Action {
             order: self.order,
             object_type: self.object_type,
@@ -1168,7 +1361,7 @@ fn reject(order: ActionOrder, object_type: ObjectTypeCode, consumed: QueueIds, e
         row: DecisionRow::Invalid,
         op: ActionOp::Reject { error },
         link: LinkChange::Keep,
-        conflicts: vec![],
+        conflicts: FieldNames::default(),
         consumed,
         slot: SlotHint::default(),
     }
@@ -1260,7 +1453,7 @@ impl fmt::Display for Action {
             ActionOp::Reject { error } => writeln!(f, "  rejected: {error}")?,
         }
         if !self.conflicts.is_empty() {
-            writeln!(f, "  conflicts settled by policy: {}", self.conflicts.join(", "))?;
+            writeln!(f, "  conflicts settled by policy: {}", self.conflicts)?;
         }
         match &self.link {
             LinkChange::Keep => writeln!(f, "  mapping: unchanged"),

@@ -139,7 +139,7 @@ fn prefetch_slots(state: &SyncState, action: &Action) {
     for id in action.consumed.iter() {
         state.queue.prefetch(*id);
     }
-    if let Some(slot) = action.slot.0 {
+    if let Some(slot) = action.slot.get() {
         state.mapping.prefetch_slot(slot);
     }
     match &action.op {
@@ -170,7 +170,7 @@ fn prefetch_blocks(state: &SyncState, action: &Action) {
             }
         }
     }
-    if let Some(pair) = action.slot.0.and_then(|slot| state.mapping.at_slot(slot)) {
+    if let Some(pair) = action.slot.get().and_then(|slot| state.mapping.at_slot(slot)) {
         pair.base.prefetch();
         pair.entry_id.prefetch();
     }
@@ -251,7 +251,7 @@ fn apply_link(mapping: &mut Mapping, link: Resolved, slot: SlotHint) {
     match link {
         Resolved::Keep => {}
         Resolved::Link(entry) => {
-            mapping.link_at(slot.0, entry);
+            mapping.link_at(slot.get(), entry);
         }
         Resolved::Remove(crm_id) => {
             mapping.remove(crm_id);

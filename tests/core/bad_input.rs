@@ -222,6 +222,22 @@ fn plan_rejects_a_second_copy_of_a_meeting() {
 }
 
 #[test]
+fn a_meeting_goes_to_the_first_record_in_key_order_whatever_runs_first() {
+    // Record 4 runs first (an older version), but claims are settled in key order: record 3
+    // keeps the meeting, as it does when it also runs first (above).
+    let world = World::new()
+        .crm(3, Appointment, 7, ChangeOp::Create(meeting(9, Role::Attendee, &[("subject", "t")])))
+        .crm(4, Appointment, 6, ChangeOp::Create(meeting(9, Role::Attendee, &[("subject", "t")])));
+    let plan = world.plan().unwrap();
+    let keys: Vec<&RecordKey> = plan.actions.iter().map(|a| &a.order.key).collect();
+    assert_eq!(keys, [&RecordKey::Crm(id(4)), &RecordKey::Crm(id(3))]);
+    assert_eq!(
+        rejected(&world),
+        [RecordError::DuplicateGoid { key: RecordKey::Crm(id(4)), goid: goid(9), holder: id(3) }]
+    );
+}
+
+#[test]
 fn plan_rejects_a_copied_stamp_and_a_missing_id() {
     let world = World::new()
         .map(1, "E1", Contact, &[("a", "1")])

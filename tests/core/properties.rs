@@ -950,7 +950,7 @@ fn coalesced_entries(entries: &[QueueEntry]) -> Result<Vec<QueueEntry>, String> 
 }
 
 /// An action without the queue entries it consumes.
-fn effect(a: &Action) -> (ActionOrder, ObjectTypeCode, DecisionRow, ActionOp, LinkChange, Vec<String>) {
+fn effect(a: &Action) -> (ActionOrder, ObjectTypeCode, DecisionRow, ActionOp, LinkChange, FieldNames) {
     (a.order.clone(), a.object_type, a.row, a.op.clone(), a.link.clone(), a.conflicts.clone())
 }
 

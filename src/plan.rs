@@ -1485,3 +1485,19 @@ impl fmt::Display for Plan {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A hint gives back the slot it was made from (else settling would fall back to a lookup
+    /// for every action: the same result, slower); the one slot it cannot hold is no hint.
+    #[test]
+    fn a_slot_hint_gives_back_its_slot() {
+        for slot in [0, 1, 7, 1 << 20, u32::MAX - 1] {
+            assert_eq!(SlotHint::new(Some(slot)).get(), Some(slot));
+        }
+        assert_eq!(SlotHint::new(None).get(), None);
+        assert_eq!(SlotHint::new(Some(u32::MAX)).get(), None);
+    }
+}

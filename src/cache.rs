@@ -352,13 +352,7 @@ impl SyncCache {
         conn.pragma_update(None, "journal_mode", "WAL").map_err(sqlite)?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(sqlite)?;
         crate::sqlite::keep_plans(&conn).map_err(sqlite)?;
-        let cache = SyncCache {
-            conn,
-            in_group: false,
-            reuse_loads: false,
-            last_load: RefCell::new(None),
-            decoded: RefCell::new(Decoded::default()),
-        };
+        let cache = SyncCache::on(conn);
         if fresh {
             create_schema(&cache.conn).map_err(sqlite)?;
         } else if version == 1 {
@@ -374,14 +368,19 @@ impl SyncCache {
         }
         let conn = crate::sqlite::in_memory_from(&TEMPLATE, create_schema)?;
         crate::sqlite::keep_plans(&conn)?;
-        let cache = SyncCache {
+        Ok(SyncCache::on(conn))
+    }
+
+    /// A cache on an open connection whose schema is (or is about to be) current: no group open,
+    /// nothing kept from earlier reads.
+    fn on(conn: Connection) -> SyncCache {
+        SyncCache {
             conn,
             in_group: false,
             reuse_loads: false,
             last_load: RefCell::new(None),
             decoded: RefCell::new(Decoded::default()),
-        };
-        Ok(cache)
+        }
     }
 
     fn migrate_v1(&self) -> Result<(), rusqlite::Error> {

@@ -39,9 +39,7 @@ impl Mirror {
         server: &ServerStore,
         user: SystemUserId,
     ) -> Result<Vec<Rc<ServerRecord>>, ServerError> {
-        self.refresh(server)?;
-        let held = self.inner.borrow();
-        Ok(held.records.values().filter(|k| k.is_in_filter_of(user)).map(|k| k.record.clone()).collect())
+        self.records_where(server, |k| k.is_in_filter_of(user))
     }
 
     /// The live records `user` owns, in `CrmId` order: the records of
@@ -51,15 +49,24 @@ impl Mirror {
         server: &ServerStore,
         user: SystemUserId,
     ) -> Result<Vec<Rc<ServerRecord>>, ServerError> {
-        self.refresh(server)?;
-        let held = self.inner.borrow();
-        Ok(held.records.values().filter(|k| k.owner == user).map(|k| k.record.clone()).collect())
+        self.records_where(server, |k| k.owner == user)
     }
 
     /// The ids of the server's live records, as a set to ask (equal to `server.record_ids()`).
     pub fn live(&self, server: &ServerStore) -> Result<Live<'_>, ServerError> {
         self.refresh(server)?;
         Ok(Live(self.inner.borrow()))
+    }
+
+    /// The live records `keep` selects, in `CrmId` order.
+    fn records_where(
+        &self,
+        server: &ServerStore,
+        keep: impl Fn(&Kept) -> bool,
+    ) -> Result<Vec<Rc<ServerRecord>>, ServerError> {
+        self.refresh(server)?;
+        let held = self.inner.borrow();
+        Ok(held.records.values().filter(|k| keep(k)).map(|k| k.record.clone()).collect())
     }
 
     /// Reads what the server wrote and deleted since the newest version seen.

@@ -23,12 +23,14 @@ use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
+use serde::{Deserialize, Serialize};
 
-use crate::change::{ActivityStatus, ChangeKind};
+use crate::change::{ActivityStatus, ChangeKind, Role};
 use crate::clock::Clock;
 use crate::entity::{ObjectTypeCode, UnknownObjectTypeCode};
 use crate::fields::{FieldPatch, Fields};
-use crate::ids::{CrmId, EntryId, GlobalObjectId};
+use crate::ids::{CrmId, EntryId, GlobalObjectId, VersionNumber};
+
 use crate::mailbox::{
     ChangePage, ENTRY_ID_PREFIX_LEN_MAX, EntryIdFormat, ITEM_COUNT_MAX, Mailbox, MailboxChange,
     MailboxCursor, MailboxError, MailboxItem, NewItem, Tracking, UserEdits, check_goid, check_page,
@@ -38,7 +40,7 @@ use crate::mailbox::{SyncBase, ensure_stamp_free};
 /// `PRAGMA application_id` of a crmsync mailbox file ("CRMM"; the server store is "CRMS").
 pub const MAILBOX_APPLICATION_ID: i32 = 0x4352_4D4D;
 /// The schema version this build writes and reads (`PRAGMA user_version`).
-pub const MAILBOX_SCHEMA_VERSION: i32 = 2;
+pub const MAILBOX_SCHEMA_VERSION: i32 = 3;
 /// Most sync writes one transaction gathers before it is committed without a `flush`.
 pub const BATCH_WRITES_MAX: usize = 10_000;
 /// How long a write waits for another connection's lock on the file.
@@ -73,6 +75,11 @@ CREATE TABLE Change (
 const MIGRATE_V1_TO_V2: &str = "
 ALTER TABLE Item ADD COLUMN Synced TEXT;
 ";
+
+/// From version 2 to 3: `Synced` may leave out the base's fields when they are the item's own
+/// (`StoredBaseOut`); a version 2 file is valid version 3 as it is. (Only the number changes, so
+/// that a build that reads version 2 refuses such a file instead of misreading it.)
+const MIGRATE_V2_TO_V3: &str = "";
 
 const PREFIX_KEY: &str = "EntryIdPrefix";
 const ITEM_COLUMNS: &str =
@@ -158,8 +165,61 @@ fn kind_from(code: i64) -> Result<ChangeKind, MailboxError> {
     }
 }
 
-fn synced_text(base: &SyncBase) -> Result<String, MailboxError> {
-    serde_json::to_string(base).map_err(|e| corrupt("Item", "Synced", e))
+/// `SyncBase` as `Item.Synced` holds it: without the base's fields when they equal the item's
+/// own `Fields` (as after every sync write of the item: the row then holds them once, not twice).
+/// Every statement that changes `Fields` writes `Synced` again when it left them out
+/// (`synced_after_edit`), so a base never silently follows an edit.
+#[derive(Serialize)]
+struct StoredBaseOut<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fields: Option<&'a Fields>,
+    crm_version: Option<VersionNumber>,
+    role: Role,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pending: Option<&'a FieldPatch>,
+}
+
+/// `StoredBaseOut` read back (a version 2 file always has the fields).
+#[derive(Deserialize)]
+struct StoredBaseIn {
+    #[serde(default)]
+    fields: Option<Fields>,
+    crm_version: Option<VersionNumber>,
+    role: Role,
+    #[serde(default)]
+    pending: Option<FieldPatch>,
+}
+
+/// The `Synced` text of `base` on an item whose fields are `fields`.
+fn synced_text(base: &SyncBase, fields: &Fields) -> Result<String, MailboxError> {
+    let stored = StoredBaseOut {
+        fields: (base.fields != *fields).then_some(&base.fields),
+        crm_version: base.crm_version,
+        role: base.role,
+        pending: base.pending.as_ref(),
+    };
+    serde_json::to_string(&stored).map_err(|e| corrupt("Item", "Synced", e))
+}
+
+/// The base `text` stores, on an item whose fields are `fields`.
+fn synced_from(text: &str, fields: &Fields) -> Result<SyncBase, MailboxError> {
+    let stored: StoredBaseIn = serde_json::from_str(text).map_err(|_| corrupt("Item", "Synced", text))?;
+    Ok(SyncBase {
+        fields: stored.fields.unwrap_or_else(|| fields.clone()),
+        crm_version: stored.crm_version,
+        role: stored.role,
+        pending: stored.pending,
+    })
+}
+
+/// The `Synced` text to write when an edit changes `item`'s fields to `fields`: `None` (keep the
+/// stored text) unless the stored one left the base's fields out, which it did only when they
+/// were the item's fields before the edit.
+fn synced_after_edit(item: &MailboxItem, fields: &Fields) -> Result<Option<String>, MailboxError> {
+    match &item.synced {
+        Some(base) if base.fields == item.fields => synced_text(base, fields).map(Some),
+        _ => Ok(None),
+    }
 }
 
 /// A time as the file writes it: RFC 3339, UTC, with as many second digits as it needs, so it
@@ -320,11 +380,8 @@ impl SqliteMailbox {
         let conn = Connection::open_with_flags(path, flags).map_err(sqlite)?;
         set_pragmas(&conn).map_err(sqlite)?;
         let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sqlite)?;
-        if version == 1 {
-            conn.execute_batch(&format!(
-                "BEGIN IMMEDIATE; {MIGRATE_V1_TO_V2} PRAGMA user_version = {MAILBOX_SCHEMA_VERSION}; COMMIT;"
-            ))
-            .map_err(sqlite)?;
+        if version < MAILBOX_SCHEMA_VERSION {
+            migrate(&conn, path, version)?;
         }
         let count: i64 = conn.query_row("SELECT COUNT(*) FROM Item", [], |r| r.get(0)).map_err(sqlite)?;
         let count = usize::try_from(count).unwrap_or(usize::MAX);
@@ -395,15 +452,12 @@ impl SqliteMailbox {
         Ok(MailboxItem {
             entry_id: self.ids.render(number),
             object_type,
-            fields,
             goid,
             status: status_from(row.status)?,
             tracking,
             modified_at: time_from("Item", &row.modified_at)?,
-            synced: row
-                .synced
-                .map(|text| serde_json::from_str(&text).map_err(|_| corrupt("Item", "Synced", &text)))
-                .transpose()?,
+            synced: row.synced.map(|text| synced_from(&text, &fields)).transpose()?,
+            fields,
         })
     }
 
@@ -454,7 +508,7 @@ impl SqliteMailbox {
                 i64::from(item.is_tracked()),
                 item.stamp().as_ref().map(stamp_bytes),
                 time_text(item.modified_at),
-                item.synced.as_ref().map(synced_text).transpose()?,
+                item.synced.as_ref().map(|base| synced_text(base, &item.fields)).transpose()?,
             ])?;
         number_from("Item", self.conn.last_insert_rowid())
     }
@@ -528,11 +582,21 @@ fn set_pragmas(conn: &Connection) -> rusqlite::Result<()> {
     conn.busy_timeout(Duration::from_millis(BUSY_TIMEOUT_MS))
 }
 
+/// Brings a file of schema `version` (1 or 2, as `validate` checked) to this build's, in one
+/// transaction.
+fn migrate(conn: &Connection, path: &Path, version: i32) -> Result<(), MailboxOpenError> {
+    let steps = if version == 1 { MIGRATE_V1_TO_V2 } else { "" };
+    conn.execute_batch(&format!(
+        "BEGIN IMMEDIATE; {steps} {MIGRATE_V2_TO_V3} PRAGMA user_version = {MAILBOX_SCHEMA_VERSION}; COMMIT;"
+    ))
+    .map_err(|source| MailboxOpenError::Sqlite { path: path.to_owned(), source })
+}
+
 /// Writes the schema, the prefix and the header of a new mailbox, in one transaction.
 fn create_schema(conn: &Connection, ids: &EntryIdFormat) -> rusqlite::Result<()> {
     set_pragmas(conn)?;
     conn.execute_batch(&format!(
-        "BEGIN; {SCHEMA} {MIGRATE_V1_TO_V2} PRAGMA application_id = {MAILBOX_APPLICATION_ID}; \
+        "BEGIN; {SCHEMA} {MIGRATE_V1_TO_V2} {MIGRATE_V2_TO_V3} PRAGMA application_id = {MAILBOX_APPLICATION_ID}; \
          PRAGMA user_version = {MAILBOX_SCHEMA_VERSION};"
     ))?;
     conn.execute("INSERT INTO Meta VALUES (?1, ?2)", [PREFIX_KEY, ids.prefix()])?;
@@ -687,10 +751,13 @@ impl Mailbox for SqliteMailbox {
             return Ok(());
         }
         let json = serde_json::to_string(&fields).map_err(|e| corrupt("Item", "Fields", e))?;
+        let synced = synced_after_edit(&item, &fields)?;
         self.begin()?;
         self.conn
-            .prepare_cached("UPDATE Item SET Fields = ?2, ModifiedAt = ?3 WHERE Number = ?1")?
-            .execute(params![sql_number(number), json, time_text(self.clock.now())])?;
+            .prepare_cached(
+                "UPDATE Item SET Fields = ?2, ModifiedAt = ?3, Synced = COALESCE(?4, Synced) WHERE Number = ?1",
+            )?
+            .execute(params![sql_number(number), json, time_text(self.clock.now()), synced])?;
         self.wrote()
     }
 
@@ -733,7 +800,7 @@ impl Mailbox for SqliteMailbox {
     fn link(&mut self, entry_id: &EntryId, stamp: CrmId, base: SyncBase) -> Result<(), MailboxError> {
         let (number, item) = self.existing(entry_id)?;
         ensure_stamp_free(self, item.stamp(), stamp)?;
-        let synced = synced_text(&base)?;
+        let synced = synced_text(&base, &item.fields)?;
         self.begin()?;
         self.conn
             .prepare_cached(
@@ -755,7 +822,7 @@ impl Mailbox for SqliteMailbox {
         let fields = patch.apply(&item.fields)?;
         ensure_stamp_free(self, item.stamp(), stamp)?;
         let json = serde_json::to_string(&fields).map_err(|e| corrupt("Item", "Fields", e))?;
-        let synced = synced_text(&base)?;
+        let synced = synced_text(&base, &fields)?;
         let now = time_text(self.clock.now());
         // One statement: the fields, the stamp and the base land together.
         self.begin()?;
@@ -838,11 +905,15 @@ impl UserEdits for SqliteMailbox {
     fn user_update(&mut self, entry_id: &EntryId, fields: Fields) -> Result<(), MailboxError> {
         let (number, item) = self.existing(entry_id)?;
         let json = serde_json::to_string(&fields).map_err(|e| corrupt("Item", "Fields", e))?;
+        let synced = synced_after_edit(&item, &fields)?;
         let now = self.clock.now();
         self.user_edit(|mb| {
             mb.conn
-                .prepare_cached("UPDATE Item SET Fields = ?2, ModifiedAt = ?3 WHERE Number = ?1")?
-                .execute(params![sql_number(number), json, time_text(now)])?;
+                .prepare_cached(
+                    "UPDATE Item SET Fields = ?2, ModifiedAt = ?3, Synced = COALESCE(?4, Synced) \
+                     WHERE Number = ?1",
+                )?
+                .execute(params![sql_number(number), json, time_text(now), synced])?;
             if item.is_tracked() {
                 mb.log(number, item.object_type, ChangeKind::Update, now)?;
             }

@@ -1134,6 +1134,68 @@ mod file {
     }
 
     #[test]
+    fn a_version_2_mailbox_file_migrates_and_keeps_its_bases() {
+        let dir = dir("migrate-v2");
+        let path = dir.join("mailbox.db");
+        let clock = self::clock();
+        let (synced, edited);
+        {
+            let mut mb = SqliteMailbox::open(&path, PREFIX, boxed(&clock)).unwrap();
+            synced = mb.create(stamped(Task, &[("subject", "Plan")], 8)).unwrap();
+            edited = mb.create(stamped(Contact, &[("fullname", "Bob")], 9)).unwrap();
+            mb.user_update(&edited, f(&[("fullname", "Robert")])).unwrap();
+        }
+        // Make it what version 2 wrote: every base with its fields.
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "UPDATE Item SET Synced = json_set(Synced, '$.fields', json(Fields)) \
+             WHERE Synced IS NOT NULL AND json_extract(Synced, '$.fields') IS NULL; \
+             PRAGMA user_version = 2;",
+        )
+        .unwrap();
+        drop(conn);
+        let mb = SqliteMailbox::open_existing(&path, boxed(&clock)).unwrap();
+        let base_of = |e: &EntryId| mb.get(e).unwrap().unwrap().synced.unwrap().fields;
+        assert_eq!(base_of(&synced), f(&[("subject", "Plan")]));
+        assert_eq!(base_of(&edited), f(&[("fullname", "Bob")]));
+        drop(mb);
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, MAILBOX_SCHEMA_VERSION);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A sync write leaves the item's fields and its base equal: the row holds them once. An edit
+    /// that changes the fields writes the base out in full first, so it never follows the edit.
+    #[test]
+    fn an_item_row_holds_a_base_equal_to_its_fields_once() {
+        let dir = dir("base-once");
+        let path = dir.join("mailbox.db");
+        let clock = self::clock();
+        let mut mb = SqliteMailbox::open(&path, PREFIX, boxed(&clock)).unwrap();
+        let by_user = mb.create(stamped(Contact, &[("fullname", "Bob")], 9)).unwrap();
+        let by_sync = mb.create(stamped(Task, &[("subject", "Plan")], 8)).unwrap();
+        mb.flush().unwrap();
+        let stored = |e: &EntryId| -> String {
+            let conn = rusqlite::Connection::open(&path).unwrap();
+            let number = i64::from_str_radix(&e.as_str()[PREFIX.len()..], 16).unwrap();
+            conn.query_row("SELECT Synced FROM Item WHERE Number = ?1", [number], |r| r.get(0)).unwrap()
+        };
+        assert!(!stored(&by_user).contains("fullname"), "{}", stored(&by_user));
+        mb.user_update(&by_user, f(&[("fullname", "Robert")])).unwrap();
+        assert!(stored(&by_user).contains("Bob"), "{}", stored(&by_user));
+        mb.update(&by_sync, &FieldPatch::between(&f(&[("subject", "Plan")]), &f(&[("subject", "Plan B")])))
+            .unwrap();
+        mb.flush().unwrap();
+        assert!(stored(&by_sync).contains("\"Plan\""), "{}", stored(&by_sync));
+        let base_of = |mb: &SqliteMailbox, e: &EntryId| mb.get(e).unwrap().unwrap().synced.unwrap().fields;
+        assert_eq!(base_of(&mb, &by_user), f(&[("fullname", "Bob")]));
+        assert_eq!(base_of(&mb, &by_sync), f(&[("subject", "Plan")]));
+        drop(mb);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn a_mailbox_file_reopens_with_its_items_changes_and_counter() {
         let dir = dir("reopen");
         let path = dir.join("mailbox.db");

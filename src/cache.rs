@@ -119,6 +119,11 @@ pub struct SyncCache {
     /// The rows the last read of the file decoded, with the values each was decoded from (see
     /// [`Decoded`]); kept only while loads may be reused ([`SyncCache::reuse_loads`]).
     decoded: RefCell<Decoded>,
+    /// Queue rows a settle in the open group removed, not yet deleted from the file: deleted
+    /// together, a range of consecutive ids per statement, before the group commits and before
+    /// anything reads the queue table (`SyncCache::delete_settled`). Ids are never reused, so no
+    /// write in between can touch these rows.
+    settled_rows: RefCell<Vec<i64>>,
 }
 
 /// Rows [`SyncCache::read_state`] decoded, each with its key and the exact values it was
@@ -380,6 +385,7 @@ impl SyncCache {
             reuse_loads: false,
             last_load: RefCell::new(None),
             decoded: RefCell::new(Decoded::default()),
+            settled_rows: RefCell::new(Vec::new()),
         }
     }
 
@@ -484,6 +490,7 @@ impl SyncCache {
     }
 
     fn read_state(&self) -> Result<SyncState, CacheError> {
+        self.delete_settled()?;
         // Decoded rows are kept only where reads repeat (`reuse_loads`, the simulator): a client
         // reads its cache once a run, and keeping them would only cost it memory.
         let keep = self.reuse_loads;
@@ -578,21 +585,33 @@ impl SyncCache {
     /// state after `settle`: its queue entries (gone, retried or ignored) and the mapping entries
     /// its link change touches. In one transaction unless a group is open.
     pub fn record_settled(&mut self, after: &SyncState, action: &Action) -> Result<(), CacheError> {
-        self.step(|conn| {
-            for id in &action.consumed {
-                write_queue_row(conn, after, *id)?;
+        let in_group = self.in_group;
+        let mut settled_rows = std::mem::take(self.settled_rows.get_mut());
+        let written = self.step(|conn| {
+            for &id in &action.consumed {
+                // Inside a group, a row that simply leaves the queue is deleted with its
+                // neighbours before the commit.
+                let gone =
+                    after.queue.get(id).is_none() && !after.ignored.iter().rev().any(|i| i.entry.id == id);
+                if in_group && gone {
+                    settled_rows.push(id.0 as i64);
+                } else {
+                    write_queue_row(conn, after, id)?;
+                }
             }
-            let touched: Vec<CrmId> = match &action.link {
-                LinkChange::Keep => Vec::new(),
-                LinkChange::Link(p) => vec![p.crm_id],
-                LinkChange::Remove(id) => vec![*id],
-                LinkChange::Replace { remove, link } => vec![*remove, link.crm_id],
+            let touched = match &action.link {
+                LinkChange::Keep => [None, None],
+                LinkChange::Link(p) => [Some(p.crm_id), None],
+                LinkChange::Remove(id) => [Some(*id), None],
+                LinkChange::Replace { remove, link } => [Some(*remove), Some(link.crm_id)],
             };
-            for crm_id in touched {
+            for crm_id in touched.into_iter().flatten() {
                 write_mapping_row(conn, after.mapping.get(crm_id), crm_id)?;
             }
             Ok(())
-        })
+        });
+        *self.settled_rows.get_mut() = settled_rows;
+        written
     }
 
     /// Drops queue entries (in `state` and the file) that will be read again from their side.
@@ -658,6 +677,7 @@ impl SyncCache {
     /// Makes the open group durable.
     pub fn commit(&mut self) -> Result<(), CacheError> {
         if self.in_group {
+            self.delete_settled()?;
             self.writer().execute_batch("COMMIT")?;
             self.in_group = false;
         }
@@ -669,7 +689,25 @@ impl SyncCache {
     pub fn abandon_group(&mut self) -> Result<(), CacheError> {
         if self.in_group {
             self.in_group = false;
+            self.settled_rows.get_mut().clear();
             self.writer().execute_batch("ROLLBACK")?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the queue rows settles in the open group removed (`settled_rows`): each run of
+    /// consecutive ids in one statement. Inside the group, so a crash loses them with it.
+    fn delete_settled(&self) -> Result<(), CacheError> {
+        let mut ids = self.settled_rows.take();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        let mut range =
+            self.conn.prepare_cached("DELETE FROM OutlookSyncTable WHERE Id BETWEEN ?1 AND ?2")?;
+        for run in ids.chunk_by(|a, b| a + 1 == *b) {
+            range.execute([run[0], run[run.len() - 1]])?;
         }
         Ok(())
     }

@@ -166,6 +166,45 @@ fn an_uncommitted_group_is_lost_whole_on_a_crash() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Rows settled inside a group leave the file with the group's commit (deleted together, see
+/// `SyncCache::record_settled`): another connection sees them gone once it commits, a load inside
+/// the group already sees them gone, and a crash keeps them all.
+#[test]
+fn rows_settled_in_a_group_leave_the_file_with_its_commit() {
+    let dir = temp_dir("settled");
+    let path = dir.join("OutlookSyncCache.sqlite");
+    let mut cache = SyncCache::open(&path).unwrap();
+    let mut state = SyncState::default();
+    cache.enqueue(&mut state, &changes(12, 5)).unwrap();
+    let policies = Policies {
+        mass_delete: MassDeleteGuard { confirmed: true, ..Default::default() },
+        ..Default::default()
+    };
+    let plan = plan(&state.queue, &state.mapping, &policies).unwrap();
+    let settle_group = |cache: &mut SyncCache, state: &mut SyncState| {
+        cache.begin().unwrap();
+        // Every other action fails and stays: the settled rows are not one range.
+        for (n, action) in plan.actions.iter().enumerate() {
+            let fate = if n % 2 == 0 { Fate::Applied } else { Fate::Failed };
+            *state = settle(std::mem::take(state), action, outcome(action, fate, n));
+            cache.record_settled(state, action).unwrap();
+        }
+    };
+    let before = state.clone();
+    settle_group(&mut cache, &mut state);
+    assert!(state.queue.len() < before.queue.len(), "some rows were settled");
+    assert_eq!(canonical(&cache.load().unwrap()), canonical(&state), "a load inside the group");
+    cache.abandon_group().unwrap();
+    assert_eq!(canonical(&cache.load().unwrap()), canonical(&before), "a crash keeps every row");
+    state = before;
+    settle_group(&mut cache, &mut state);
+    cache.commit().unwrap();
+    let other = SyncCache::open_existing(&path).unwrap();
+    assert_eq!(canonical(&other.load().unwrap()), canonical(&state));
+    drop((cache, other));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn a_kept_load_never_outlives_a_write_a_rollback_or_another_connection() {
     let dir = temp_dir("reuse");

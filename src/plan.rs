@@ -600,6 +600,8 @@ impl<'m> Grouping<'m> {
 /// How many records ahead `decide_all` asks for a record's run (and, nearer, its entries in
 /// `by_record`), its queue entries and pair, and (nearer still) for the field blocks they point to.
 const PREFETCH_RUNS: usize = 48;
+/// How many queue entries ahead `Planner::group` asks for an entry's `EntryId` text.
+const PREFETCH_SCAN: usize = 16;
 const PREFETCH_RUN_ENTRIES: usize = 32;
 const PREFETCH_ENTRIES: usize = 16;
 const PREFETCH_BLOCKS: usize = 8;
@@ -650,8 +652,13 @@ impl<'m> Planner<'m> {
     fn group(&self, queue: &'m Queue) -> Grouping<'m> {
         let mut by_record: Vec<(u128, Side, &QueueEntry)> = Vec::with_capacity(queue.len());
         let mut unmapped: Vec<&QueueEntry> = Vec::new();
-        // In id order, so a stable sort by (record, side) leaves each side in id order.
+        // In id order, so a stable sort by (record, side) leaves each side in id order. The
+        // `EntryId` text an entry ahead hashes is asked for a few entries early.
+        let mut ahead = queue.iter().skip(PREFETCH_SCAN);
         for entry in queue.iter() {
+            if let Some(RecordKey::Outlook(key)) = ahead.next().map(|e| e.change.key()) {
+                key.prefetch();
+            }
             match entry.change.key() {
                 RecordKey::Crm(id) => by_record.push((id.as_u128(), Side::Crm, entry)),
                 RecordKey::Outlook(entry_id) => match self.mapping.crm_id_of(entry_id) {

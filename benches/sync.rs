@@ -6,6 +6,11 @@
 //! the very rows an engine run writes (read back from one run before measuring), so both pay for
 //! the same bytes and index entries.
 //!
+//! `mailbox_raw_sql/group_commit` is the other half of the floor: the mailbox's bare SQL per
+//! created item (the stamp lookup and the insert of the very row the engine writes) with the
+//! same commit size, on the mailbox file's own settings. An engine run writes both files, so it
+//! can be no faster than the two baselines together.
+//!
 //! Run: `cargo bench --bench sync`. `CRMSYNC_BENCH_CHANGES=1000000 cargo bench --bench sync --
 //! group_commit` runs the same on a million changes.
 
@@ -117,6 +122,65 @@ fn engine_rows(pristine: &Path, scratch: &Path) -> Vec<MappingRow> {
     rows
 }
 
+/// One item row as the engine writes it: `ObjectTypeCode`, `Fields`, `GlobalObjectId`, `Status`,
+/// `Tracked`, `Stamp`, `ModifiedAt`, `Synced`.
+type ItemRow = (i64, String, Option<Vec<u8>>, i64, i64, Option<Vec<u8>>, String, Option<String>);
+
+/// The item rows an engine run writes, in the order it writes them (see `engine_rows`).
+fn engine_items(scratch: &Path) -> Vec<ItemRow> {
+    let conn = Connection::open(scratch.join(FILES[0])).expect("open");
+    let mut stmt = conn
+        .prepare(
+            "SELECT ObjectTypeCode, Fields, GlobalObjectId, Status, Tracked, Stamp, ModifiedAt, Synced \
+             FROM Item ORDER BY Number",
+        )
+        .expect("prepare");
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?))
+        })
+        .expect("query")
+        .collect::<Result<Vec<ItemRow>, _>>()
+        .expect("rows");
+    assert_eq!(rows.len() as u64, changes(), "one item per queued change");
+    rows
+}
+
+/// The mailbox's floor: per created item, look its stamp up (as a create must: a retried create
+/// finds its earlier item) and insert the very row the engine writes, with the mailbox file's
+/// own settings (WAL, synchronous NORMAL).
+fn raw_mailbox_sql(pristine: &Path, work: &Path, items: &[ItemRow], commit_every: usize) -> Duration {
+    copy(pristine, work);
+    let conn = Connection::open(work.join(FILES[0])).expect("open");
+    conn.pragma_update(None, "journal_mode", "WAL").expect("wal");
+    conn.pragma_update(None, "synchronous", "NORMAL").expect("sync");
+    let t = Instant::now();
+    let mut in_tx = 0;
+    for item in items {
+        if in_tx == 0 {
+            conn.execute_batch("BEGIN IMMEDIATE").expect("begin");
+        }
+        let mut lookup = conn.prepare_cached("SELECT Number FROM Item WHERE Stamp = ?1").expect("lookup");
+        assert!(!lookup.exists([&item.5]).expect("lookup"), "the stamp is free");
+        conn.prepare_cached(
+            "INSERT INTO Item (ObjectTypeCode, Fields, GlobalObjectId, Status, Tracked, Stamp, ModifiedAt, Synced) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )
+        .expect("insert")
+        .execute(params![item.0, item.1, item.2, item.3, item.4, item.5, item.6, item.7])
+        .expect("insert");
+        in_tx += 1;
+        if in_tx == commit_every {
+            conn.execute_batch("COMMIT").expect("commit");
+            in_tx = 0;
+        }
+    }
+    if in_tx > 0 {
+        conn.execute_batch("COMMIT").expect("commit");
+    }
+    t.elapsed()
+}
+
 /// The floor: per queued change, upsert its mapping row (the very row the engine writes) and
 /// delete its queue row, with the cache file's own settings (WAL, synchronous FULL).
 fn raw_sql(pristine: &Path, work: &Path, rows: &[MappingRow], commit_every: usize) -> Duration {
@@ -165,6 +229,7 @@ fn bench(c: &mut Criterion) {
     pristine(&pristine_dir, n);
     let work = root.join("work");
     let rows = engine_rows(&pristine_dir, &root.join("scratch"));
+    let items = engine_items(&root.join("scratch"));
     let mut group = c.benchmark_group("sync_sqlite");
     group.sample_size(10);
     group.throughput(Throughput::Elements(n));
@@ -182,6 +247,12 @@ fn bench(c: &mut Criterion) {
     };
     group.bench_function("group_commit", engine(1000));
     group.bench_function(BenchmarkId::new("baseline_raw_sql", "group_commit"), raw(1000));
+    let (pristine_for_items, work_for_items, items) = (pristine_dir.clone(), work.clone(), &items);
+    group.bench_function(BenchmarkId::new("mailbox_raw_sql", "group_commit"), move |b| {
+        b.iter_custom(|iters| {
+            (0..iters).map(|_| raw_mailbox_sql(&pristine_for_items, &work_for_items, items, 1000)).sum()
+        })
+    });
     if n <= 100_000 {
         group.bench_function("per_record_commit", engine(1));
         group.bench_function(BenchmarkId::new("baseline_raw_sql", "per_record_commit"), raw(1));

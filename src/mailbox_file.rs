@@ -30,7 +30,6 @@ use crate::clock::Clock;
 use crate::entity::{ObjectTypeCode, UnknownObjectTypeCode};
 use crate::fields::{FieldPatch, Fields};
 use crate::ids::{CrmId, EntryId, GlobalObjectId, VersionNumber};
-
 use crate::mailbox::{
     ChangePage, ENTRY_ID_PREFIX_LEN_MAX, EntryIdFormat, ITEM_COUNT_MAX, Mailbox, MailboxChange,
     MailboxCursor, MailboxError, MailboxItem, NewItem, Tracking, UserEdits, check_goid, check_page,

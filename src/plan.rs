@@ -600,11 +600,11 @@ impl<'m> Grouping<'m> {
 /// How many records ahead `decide_all` asks for a record's run (and, nearer, its entries in
 /// `by_record`), its queue entries and pair, and (nearer still) for the field blocks they point to.
 const PREFETCH_RUNS: usize = 48;
-/// How many queue entries ahead `Planner::group` asks for an entry's `EntryId` text.
-const PREFETCH_SCAN: usize = 16;
 const PREFETCH_RUN_ENTRIES: usize = 32;
 const PREFETCH_ENTRIES: usize = 16;
 const PREFETCH_BLOCKS: usize = 8;
+/// How many queue entries ahead `Planner::group` asks for an entry's `EntryId` text.
+const PREFETCH_SCAN: usize = 16;
 
 struct Planner<'m> {
     mapping: &'m Mapping,

@@ -172,12 +172,13 @@ impl Mapping {
             None => self.get_mut(entry.crm_id),
         };
         // The common case, a held pair with a new base: update it in place.
-        if let Some(old) = old {
-            if old.entry_id == entry.entry_id && old.goid == entry.goid {
+        let held = match old {
+            Some(old) if old.entry_id == entry.entry_id && old.goid == entry.goid => {
                 *old = entry;
                 return Vec::new();
             }
-        }
+            old => old.is_some(),
+        };
         let mut displaced = Vec::new();
         let mut drop_crm = |this: &mut Self, crm_id: CrmId| {
             if let Some(old) = this.remove(crm_id) {
@@ -186,7 +187,10 @@ impl Mapping {
                 }
             }
         };
-        drop_crm(self, entry.crm_id);
+        // A `CrmId` not held (a new pair, the common case of this path) has nothing to drop.
+        if held {
+            drop_crm(self, entry.crm_id);
+        }
         if let Some(crm_id) = self.by_entry.get(&entry.entry_id).copied() {
             drop_crm(self, crm_id);
         }
@@ -401,5 +405,33 @@ mod tests {
         assert_eq!(mapping, fresh, "equality ignores where pairs sit");
         assert_eq!(mapping.entries(), fresh.entries());
         assert_eq!(mapping.remove(pair(1).crm_id), None);
+    }
+
+    /// Linking a held pair again keeps every index in step with it: a new base updates it where
+    /// it sits; a new GOID or a new item re-indexes it, and the old key finds nothing.
+    #[test]
+    fn linking_a_held_pair_again_keeps_the_indexes_in_step() {
+        let mut mapping = Mapping::new();
+        for n in 0..4 {
+            mapping.insert(pair(n)).unwrap();
+        }
+        let held = pair(2);
+        let goid = |n: u128| GlobalObjectId::new(n.to_be_bytes().to_vec()).expect("valid");
+        let rebased =
+            MappingEntry { base: Fields::try_from_pairs([("subject", "b")]).unwrap(), ..held.clone() };
+        assert!(mapping.link(rebased.clone()).is_empty());
+        assert_eq!(mapping.get(held.crm_id), Some(&rebased));
+        let regoided = MappingEntry { goid: Some(goid(77)), ..rebased.clone() };
+        assert!(mapping.link(regoided.clone()).is_empty());
+        assert_eq!(mapping.crm_id_of_goid(&goid(77)), Some(held.crm_id));
+        assert_eq!(mapping.crm_id_of_goid(&goid(2)), None);
+        let moved = MappingEntry { entry_id: EntryId::new("E-moved").unwrap(), ..regoided.clone() };
+        // Re-pointed to another item: the pair it replaces is handed back.
+        assert_eq!(mapping.link(moved.clone()), [regoided]);
+        assert_eq!(mapping.crm_id_of(&moved.entry_id), Some(held.crm_id));
+        assert_eq!(mapping.crm_id_of(&held.entry_id), None);
+        assert_eq!(mapping.get(held.crm_id), Some(&moved));
+        assert_eq!(mapping.len(), 4);
+        mapping.check_invariants().unwrap();
     }
 }

@@ -178,15 +178,21 @@ struct StoredBaseOut<'a> {
     pending: Option<&'a FieldPatch>,
 }
 
-/// `StoredBaseOut` read back (a version 2 file always has the fields).
+/// `StoredBaseOut` read back (a version 2 file always has the fields). Left out, the fields are
+/// the item's; present, they must be a field set (`null` is refused, not read as left out).
 #[derive(Deserialize)]
 struct StoredBaseIn {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     fields: Option<Fields>,
     crm_version: Option<VersionNumber>,
     role: Role,
     #[serde(default)]
     pending: Option<FieldPatch>,
+}
+
+/// A field that, when present, holds a value: `Some` of it (`default` gives `None` when absent).
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
 }
 
 /// The `Synced` text of `base` on an item whose fields are `fields`.

@@ -1191,6 +1191,16 @@ mod file {
         let base_of = |mb: &SqliteMailbox, e: &EntryId| mb.get(e).unwrap().unwrap().synced.unwrap().fields;
         assert_eq!(base_of(&mb, &by_user), f(&[("fullname", "Bob")]));
         assert_eq!(base_of(&mb, &by_sync), f(&[("subject", "Plan")]));
+        // Left out is not the same as null: a base whose fields are null is refused.
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute("UPDATE Item SET Synced = '{\"fields\":null,\"crm_version\":1,\"role\":\"Owner\"}'", [])
+            .unwrap();
+        drop(conn);
+        let read = mb.get(&by_sync).unwrap_err();
+        assert!(
+            matches!(&read, MailboxError::Corrupt { table: "Item", column: "Synced", value } if value.contains("null")),
+            "{read:?}"
+        );
         drop(mb);
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -99,76 +99,68 @@ fn engine_run(pristine: &Path, work: &Path, commit_every: usize) -> Duration {
 /// `Role`, `Status`, `CrmVersion`.
 type MappingRow = (String, String, i64, String, Option<String>, String, String, Option<i64>);
 
-/// The rows an engine run writes, in the order it writes them: one run on a scratch copy, read
-/// back from its `IdMappingTable`. The baseline writes exactly these values, so it pays for the
-/// same bytes and the same index entries the engine does (not shorter stand-ins).
-fn engine_rows(pristine: &Path, scratch: &Path) -> Vec<MappingRow> {
-    engine_run(pristine, scratch, usize::MAX);
-    let conn = Connection::open(scratch.join(FILES[1])).expect("open");
-    let mut stmt = conn
-        .prepare(
-            "SELECT CrmId, EntryId, ObjectTypeCode, Base, Goid, Role, Status, CrmVersion \
-             FROM IdMappingTable ORDER BY rowid",
-        )
-        .expect("prepare");
-    let rows = stmt
-        .query_map([], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?))
-        })
-        .expect("query")
-        .collect::<Result<Vec<MappingRow>, _>>()
-        .expect("rows");
-    assert_eq!(rows.len() as u64, changes(), "one mapping row per queued change");
-    rows
-}
-
 /// One item row as the engine writes it: `ObjectTypeCode`, `Fields`, `GlobalObjectId`, `Status`,
 /// `Tracked`, `Stamp`, `ModifiedAt`, `Synced`.
 type ItemRow = (i64, String, Option<Vec<u8>>, i64, i64, Option<Vec<u8>>, String, Option<String>);
 
-/// The item rows an engine run writes, in the order it writes them (see `engine_rows`).
-fn engine_items(scratch: &Path) -> Vec<ItemRow> {
-    let conn = Connection::open(scratch.join(FILES[0])).expect("open");
-    let mut stmt = conn
-        .prepare(
-            "SELECT ObjectTypeCode, Fields, GlobalObjectId, Status, Tracked, Stamp, ModifiedAt, Synced \
-             FROM Item ORDER BY Number",
-        )
-        .expect("prepare");
-    let rows = stmt
-        .query_map([], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?))
-        })
-        .expect("query")
-        .collect::<Result<Vec<ItemRow>, _>>()
-        .expect("rows");
-    assert_eq!(rows.len() as u64, changes(), "one item per queued change");
+/// The rows `sql` reads from `file`, one per queued change.
+fn read_back<R>(file: &Path, sql: &str) -> Vec<R>
+where
+    R: for<'r> TryFrom<&'r rusqlite::Row<'r>, Error = rusqlite::Error>,
+{
+    let conn = Connection::open(file).expect("open");
+    let mut stmt = conn.prepare(sql).expect("prepare");
+    let rows =
+        stmt.query_map([], |r| R::try_from(r)).expect("query").collect::<Result<Vec<R>, _>>().expect("rows");
+    assert_eq!(rows.len() as u64, changes(), "one row per queued change: {sql}");
     rows
 }
 
-/// The mailbox's floor: per created item, look its stamp up (as a create must: a retried create
-/// finds its earlier item) and insert the very row the engine writes, with the mailbox file's
-/// own settings (WAL, synchronous NORMAL).
-fn raw_mailbox_sql(pristine: &Path, work: &Path, items: &[ItemRow], commit_every: usize) -> Duration {
+/// The rows an engine run writes to the cache and the mailbox, in the order it writes them: one
+/// run on a scratch copy, read back from `IdMappingTable` and `Item`. The baselines write exactly
+/// these values, so they pay for the same bytes and the same index entries the engine does (not
+/// shorter stand-ins).
+fn engine_rows(pristine: &Path, scratch: &Path) -> (Vec<MappingRow>, Vec<ItemRow>) {
+    engine_run(pristine, scratch, usize::MAX);
+    let mapping = read_back(
+        &scratch.join(FILES[1]),
+        "SELECT CrmId, EntryId, ObjectTypeCode, Base, Goid, Role, Status, CrmVersion \
+         FROM IdMappingTable ORDER BY rowid",
+    );
+    let items = read_back(
+        &scratch.join(FILES[0]),
+        "SELECT ObjectTypeCode, Fields, GlobalObjectId, Status, Tracked, Stamp, ModifiedAt, Synced \
+         FROM Item ORDER BY Number",
+    );
+    (mapping, items)
+}
+
+/// A fresh copy of `file` from `pristine`, opened with the settings its store puts on it (WAL,
+/// and `synchronous`).
+fn open_copy(pristine: &Path, work: &Path, file: &str, synchronous: &str) -> Connection {
     copy(pristine, work);
-    let conn = Connection::open(work.join(FILES[0])).expect("open");
+    let conn = Connection::open(work.join(file)).expect("open");
     conn.pragma_update(None, "journal_mode", "WAL").expect("wal");
-    conn.pragma_update(None, "synchronous", "NORMAL").expect("sync");
+    conn.pragma_update(None, "synchronous", synchronous).expect("sync");
+    conn
+}
+
+/// Writes each of `items` with `write`, in transactions opened by `begin` and committed every
+/// `commit_every` items (and after the last); returns the time it took.
+fn timed_in_groups<I: IntoIterator>(
+    conn: &Connection,
+    begin: &str,
+    commit_every: usize,
+    items: I,
+    mut write: impl FnMut(I::Item),
+) -> Duration {
     let t = Instant::now();
     let mut in_tx = 0;
     for item in items {
         if in_tx == 0 {
-            conn.execute_batch("BEGIN IMMEDIATE").expect("begin");
+            conn.execute_batch(begin).expect("begin");
         }
-        let mut lookup = conn.prepare_cached("SELECT Number FROM Item WHERE Stamp = ?1").expect("lookup");
-        assert!(!lookup.exists([&item.5]).expect("lookup"), "the stamp is free");
-        conn.prepare_cached(
-            "INSERT INTO Item (ObjectTypeCode, Fields, GlobalObjectId, Status, Tracked, Stamp, ModifiedAt, Synced) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        )
-        .expect("insert")
-        .execute(params![item.0, item.1, item.2, item.3, item.4, item.5, item.6, item.7])
-        .expect("insert");
+        write(item);
         in_tx += 1;
         if in_tx == commit_every {
             conn.execute_batch("COMMIT").expect("commit");
@@ -181,24 +173,34 @@ fn raw_mailbox_sql(pristine: &Path, work: &Path, items: &[ItemRow], commit_every
     t.elapsed()
 }
 
+/// The mailbox's floor: per created item, look its stamp up (as a create must: a retried create
+/// finds its earlier item) and insert the very row the engine writes, with the mailbox file's
+/// own settings (WAL, synchronous NORMAL).
+fn raw_mailbox_sql(pristine: &Path, work: &Path, items: &[ItemRow], commit_every: usize) -> Duration {
+    let conn = open_copy(pristine, work, FILES[0], "NORMAL");
+    timed_in_groups(&conn, "BEGIN IMMEDIATE", commit_every, items, |item| {
+        let mut lookup = conn.prepare_cached("SELECT Number FROM Item WHERE Stamp = ?1").expect("lookup");
+        assert!(!lookup.exists([&item.5]).expect("lookup"), "the stamp is free");
+        conn.prepare_cached(
+            "INSERT INTO Item (ObjectTypeCode, Fields, GlobalObjectId, Status, Tracked, Stamp, ModifiedAt, Synced) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )
+        .expect("insert")
+        .execute(params![item.0, item.1, item.2, item.3, item.4, item.5, item.6, item.7])
+        .expect("insert");
+    })
+}
+
 /// The floor: per queued change, upsert its mapping row (the very row the engine writes) and
 /// delete its queue row, with the cache file's own settings (WAL, synchronous FULL).
 fn raw_sql(pristine: &Path, work: &Path, rows: &[MappingRow], commit_every: usize) -> Duration {
-    copy(pristine, work);
-    let conn = Connection::open(work.join(FILES[1])).expect("open");
-    conn.pragma_update(None, "journal_mode", "WAL").expect("wal");
-    conn.pragma_update(None, "synchronous", "FULL").expect("sync");
+    let conn = open_copy(pristine, work, FILES[1], "FULL");
     let ids: Vec<i64> = {
         let mut stmt = conn.prepare("SELECT Id FROM OutlookSyncTable ORDER BY Id").expect("prepare");
         stmt.query_map([], |r| r.get(0)).expect("query").collect::<Result<_, _>>().expect("ids")
     };
     assert_eq!(ids.len(), rows.len(), "a row per queued change");
-    let t = Instant::now();
-    let mut in_tx = 0;
-    for (id, row) in ids.iter().zip(rows) {
-        if in_tx == 0 {
-            conn.execute_batch("BEGIN").expect("begin");
-        }
+    timed_in_groups(&conn, "BEGIN", commit_every, ids.iter().zip(rows), |(id, row)| {
         conn.prepare_cached(
             "INSERT INTO IdMappingTable (CrmId, EntryId, ObjectTypeCode, Base, Goid, Role, Status, CrmVersion) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (CrmId) DO UPDATE SET EntryId = ?2",
@@ -210,16 +212,12 @@ fn raw_sql(pristine: &Path, work: &Path, rows: &[MappingRow], commit_every: usiz
             .expect("delete")
             .execute([id])
             .expect("delete");
-        in_tx += 1;
-        if in_tx == commit_every {
-            conn.execute_batch("COMMIT").expect("commit");
-            in_tx = 0;
-        }
-    }
-    if in_tx > 0 {
-        conn.execute_batch("COMMIT").expect("commit");
-    }
-    t.elapsed()
+    })
+}
+
+/// A criterion routine that times `run` (one run's own time) once per iteration.
+fn each_run(run: impl Fn() -> Duration) -> impl FnMut(&mut criterion::Bencher) {
+    move |b| b.iter_custom(|iters| (0..iters).map(|_| run()).sum())
 }
 
 fn bench(c: &mut Criterion) {
@@ -228,31 +226,19 @@ fn bench(c: &mut Criterion) {
     let pristine_dir = root.join("pristine");
     pristine(&pristine_dir, n);
     let work = root.join("work");
-    let rows = engine_rows(&pristine_dir, &root.join("scratch"));
-    let items = engine_items(&root.join("scratch"));
+    let (rows, items) = engine_rows(&pristine_dir, &root.join("scratch"));
     let mut group = c.benchmark_group("sync_sqlite");
     group.sample_size(10);
     group.throughput(Throughput::Elements(n));
-    let engine = |every: usize| {
-        let (pristine_dir, work) = (pristine_dir.clone(), work.clone());
-        move |b: &mut criterion::Bencher| {
-            b.iter_custom(|iters| (0..iters).map(|_| engine_run(&pristine_dir, &work, every)).sum())
-        }
-    };
-    let raw = |every: usize| {
-        let (pristine_dir, work, rows) = (pristine_dir.clone(), work.clone(), &rows);
-        move |b: &mut criterion::Bencher| {
-            b.iter_custom(|iters| (0..iters).map(|_| raw_sql(&pristine_dir, &work, rows, every)).sum())
-        }
-    };
+    let (pristine_dir, work, rows, items) = (&pristine_dir, &work, &rows, &items);
+    let engine = |every: usize| each_run(move || engine_run(pristine_dir, work, every));
+    let raw = |every: usize| each_run(move || raw_sql(pristine_dir, work, rows, every));
     group.bench_function("group_commit", engine(1000));
     group.bench_function(BenchmarkId::new("baseline_raw_sql", "group_commit"), raw(1000));
-    let (pristine_for_items, work_for_items, items) = (pristine_dir.clone(), work.clone(), &items);
-    group.bench_function(BenchmarkId::new("mailbox_raw_sql", "group_commit"), move |b| {
-        b.iter_custom(|iters| {
-            (0..iters).map(|_| raw_mailbox_sql(&pristine_for_items, &work_for_items, items, 1000)).sum()
-        })
-    });
+    group.bench_function(
+        BenchmarkId::new("mailbox_raw_sql", "group_commit"),
+        each_run(move || raw_mailbox_sql(pristine_dir, work, items, 1000)),
+    );
     if n <= 100_000 {
         group.bench_function("per_record_commit", engine(1));
         group.bench_function(BenchmarkId::new("baseline_raw_sql", "per_record_commit"), raw(1));

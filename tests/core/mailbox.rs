@@ -981,6 +981,17 @@ mod file {
         assert_eq!(snapshot_of(path), before, "open_existing left {} untouched", path.display());
     }
 
+    /// Runs `sql` on the file through a connection of its own (another program, an older build).
+    fn rewrite(path: &Path, sql: &str) {
+        rusqlite::Connection::open(path).unwrap().execute_batch(sql).unwrap();
+    }
+
+    /// The schema version the file says it is.
+    fn stored_version(path: &Path) -> i32 {
+        let conn = rusqlite::Connection::open(path).unwrap();
+        conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap()
+    }
+
     fn set_header(path: &Path, application_id: i32, user_version: i32) {
         let conn = rusqlite::Connection::open(path).unwrap();
         conn.pragma_update(None, "journal_mode", "DELETE").unwrap();
@@ -1118,18 +1129,14 @@ mod file {
             mb.create(stamped(Task, &[("subject", "Plan")], 8)).unwrap();
         }
         // Make it what version 1 wrote: no Synced column.
-        let conn = rusqlite::Connection::open(&path).unwrap();
-        conn.execute_batch("ALTER TABLE Item DROP COLUMN Synced; PRAGMA user_version = 1;").unwrap();
-        drop(conn);
+        rewrite(&path, "ALTER TABLE Item DROP COLUMN Synced; PRAGMA user_version = 1;");
         let mb = SqliteMailbox::open_existing(&path, boxed(&clock)).unwrap();
         let items = mb.all_items().unwrap();
         assert_eq!(items.len(), 2);
         assert!(items.iter().all(|i| i.synced.is_none()), "{items:?}");
         assert_eq!(items[1].stamp(), Some(id(8)));
         drop(mb);
-        let conn = rusqlite::Connection::open(&path).unwrap();
-        let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-        assert_eq!(version, MAILBOX_SCHEMA_VERSION);
+        assert_eq!(stored_version(&path), MAILBOX_SCHEMA_VERSION);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -1146,22 +1153,18 @@ mod file {
             mb.user_update(&edited, f(&[("fullname", "Robert")])).unwrap();
         }
         // Make it what version 2 wrote: every base with its fields.
-        let conn = rusqlite::Connection::open(&path).unwrap();
-        conn.execute_batch(
+        rewrite(
+            &path,
             "UPDATE Item SET Synced = json_set(Synced, '$.fields', json(Fields)) \
              WHERE Synced IS NOT NULL AND json_extract(Synced, '$.fields') IS NULL; \
              PRAGMA user_version = 2;",
-        )
-        .unwrap();
-        drop(conn);
+        );
         let mb = SqliteMailbox::open_existing(&path, boxed(&clock)).unwrap();
         let base_of = |e: &EntryId| mb.get(e).unwrap().unwrap().synced.unwrap().fields;
         assert_eq!(base_of(&synced), f(&[("subject", "Plan")]));
         assert_eq!(base_of(&edited), f(&[("fullname", "Bob")]));
         drop(mb);
-        let conn = rusqlite::Connection::open(&path).unwrap();
-        let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-        assert_eq!(version, MAILBOX_SCHEMA_VERSION);
+        assert_eq!(stored_version(&path), MAILBOX_SCHEMA_VERSION);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -1192,10 +1195,7 @@ mod file {
         assert_eq!(base_of(&mb, &by_user), f(&[("fullname", "Bob")]));
         assert_eq!(base_of(&mb, &by_sync), f(&[("subject", "Plan")]));
         // Left out is not the same as null: a base whose fields are null is refused.
-        let conn = rusqlite::Connection::open(&path).unwrap();
-        conn.execute("UPDATE Item SET Synced = '{\"fields\":null,\"crm_version\":1,\"role\":\"Owner\"}'", [])
-            .unwrap();
-        drop(conn);
+        rewrite(&path, r#"UPDATE Item SET Synced = '{"fields":null,"crm_version":1,"role":"Owner"}'"#);
         let read = mb.get(&by_sync).unwrap_err();
         assert!(
             matches!(&read, MailboxError::Corrupt { table: "Item", column: "Synced", value } if value.contains("null")),

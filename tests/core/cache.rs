@@ -124,7 +124,7 @@ proptest! {
         cache.reuse_loads(reuse);
         let mut state = SyncState::default();
         cache.enqueue(&mut state, &changes(n, seed)).unwrap();
-        let policies = Policies { mass_delete: MassDeleteGuard { confirmed: true, ..Default::default() }, ..Default::default() };
+        let policies = deletes_confirmed();
         let mut step = 0;
         for _run in 0..2 {
             let plan = plan(&state.queue, &state.mapping, &policies).unwrap();
@@ -176,10 +176,7 @@ fn rows_settled_in_a_group_leave_the_file_with_its_commit() {
     let mut cache = SyncCache::open(&path).unwrap();
     let mut state = SyncState::default();
     cache.enqueue(&mut state, &changes(12, 5)).unwrap();
-    let policies = Policies {
-        mass_delete: MassDeleteGuard { confirmed: true, ..Default::default() },
-        ..Default::default()
-    };
+    let policies = deletes_confirmed();
     let plan = plan(&state.queue, &state.mapping, &policies).unwrap();
     let settle_group = |cache: &mut SyncCache, state: &mut SyncState| {
         cache.begin().unwrap();

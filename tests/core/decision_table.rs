@@ -69,10 +69,7 @@ fn row_crm_delete_mapped_follows_crm_delete_policy() {
         .crm(5, Task, 15, ChangeOp::Delete(DeleteReason::Deleted))
         .crm(6, PhoneCall, 16, ChangeOp::Delete(DeleteReason::Deleted))
         .crm(7, Appointment, 17, ChangeOp::Delete(DeleteReason::LeftFilter))
-        .with(Policies {
-            mass_delete: MassDeleteGuard { confirmed: true, ..Default::default() },
-            ..Default::default()
-        });
+        .with(deletes_confirmed());
     let deleted: Vec<bool> =
         ops(&world).iter().map(|op| matches!(op, ActionOp::DeleteInOutlook { .. })).collect();
     // owner's contact stays; another user's contact goes; current organised meeting goes;

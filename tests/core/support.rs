@@ -40,6 +40,12 @@ pub fn meeting(g: u8, role: Role, fields: &[(&str, &str)]) -> Record {
     Record { goid: Some(goid(g)), role, ..rec(fields) }
 }
 
+/// The default policies with the mass-delete guard confirmed (for runs that delete much on
+/// purpose; the guard has tests of its own).
+pub fn deletes_confirmed() -> Policies {
+    Policies { mass_delete: MassDeleteGuard { confirmed: true, ..Default::default() }, ..Default::default() }
+}
+
 #[derive(Default)]
 pub struct World {
     pub queue: Queue,

@@ -69,7 +69,7 @@ impl PartialEq for Fields {
     #[inline]
     fn eq(&self, other: &Fields) -> bool {
         match (&self.0, &other.0) {
-            (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
+            (Some(a), Some(b)) => crate::ids::same_shared(a, b),
             (a, b) => a.is_none() && b.is_none(),
         }
     }
@@ -194,7 +194,7 @@ impl Fields {
     #[inline(always)]
     pub(crate) fn prefetch(&self) {
         if let Some(block) = &self.0 {
-            crate::prefetch::line((Arc::as_ptr(block) as *const u8).wrapping_sub(16));
+            crate::prefetch::arc_counts(block);
         }
     }
 
@@ -202,11 +202,11 @@ impl Fields {
     #[inline(always)]
     pub(crate) fn prefetch_all(&self) {
         if let Some(block) = &self.0 {
-            let start = Arc::as_ptr(block) as *const u8;
-            crate::prefetch::line(start.wrapping_sub(16));
+            let counts = crate::prefetch::arc_counts_ptr(block);
+            crate::prefetch::line(counts);
             let mut offset = 64;
             while offset < block.len() + 16 {
-                crate::prefetch::line(start.wrapping_sub(16).wrapping_add(offset));
+                crate::prefetch::line(counts.wrapping_add(offset));
                 offset += 64;
             }
         }

@@ -112,6 +112,13 @@ impl fmt::Debug for CrmId {
     }
 }
 
+/// Whether two shared values are equal: at once when they are one value (no read of it, which
+/// may sit on a line last touched long ago), else by their contents.
+#[inline]
+pub(crate) fn same_shared<T: ?Sized + PartialEq>(a: &Arc<T>, b: &Arc<T>) -> bool {
+    Arc::ptr_eq(a, b) || a == b
+}
+
 /// An Outlook item's id within one mailbox: opaque, non-empty, at most [`ENTRY_ID_LEN_MAX`] bytes.
 /// Cheap to clone (shared string).
 #[derive(Clone, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -123,7 +130,7 @@ impl PartialEq for EntryId {
     /// while settling, sits on a line last touched long ago).
     #[inline]
     fn eq(&self, other: &EntryId) -> bool {
-        Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
+        same_shared(&self.0, &other.0)
     }
 }
 
@@ -152,11 +159,10 @@ impl EntryId {
         Ok(Self(id.into()))
     }
 
-    /// Asks for the line of the string's counts (what a clone or drop writes; an `Arc`'s counts sit
-    /// in the 16 bytes before its data).
+    /// Asks for the line of the string's counts (what a clone or drop writes).
     #[inline(always)]
     pub(crate) fn prefetch(&self) {
-        crate::prefetch::line((Arc::as_ptr(&self.0) as *const u8).wrapping_sub(16));
+        crate::prefetch::arc_counts(&self.0);
     }
 
     pub fn as_str(&self) -> &str {
@@ -198,7 +204,7 @@ impl PartialEq for GlobalObjectId {
     /// Two clones of one id are equal without reading the bytes.
     #[inline]
     fn eq(&self, other: &GlobalObjectId) -> bool {
-        Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
+        same_shared(&self.0, &other.0)
     }
 }
 
@@ -213,7 +219,7 @@ impl GlobalObjectId {
     /// Asks for the line of the id's counts (what a clone or drop writes).
     #[inline(always)]
     pub(crate) fn prefetch(&self) {
-        crate::prefetch::line((Arc::as_ptr(&self.0) as *const u8).wrapping_sub(16));
+        crate::prefetch::arc_counts(&self.0);
     }
 }
 

@@ -37,3 +37,15 @@ pub(crate) fn value<T>(value: &T) {
     // The last byte's line, when the value straddles one more line than its size fills.
     line(start.wrapping_add(std::mem::size_of::<T>().saturating_sub(1)));
 }
+
+/// Where an `Arc`'s counts sit: in the 16 bytes before its data (what a clone or drop writes).
+#[inline(always)]
+pub(crate) fn arc_counts_ptr<T: ?Sized>(arc: &std::sync::Arc<T>) -> *const u8 {
+    std::sync::Arc::as_ptr(arc).cast::<u8>().wrapping_sub(16)
+}
+
+/// Asks for the line of an `Arc`'s counts.
+#[inline(always)]
+pub(crate) fn arc_counts<T: ?Sized>(arc: &std::sync::Arc<T>) {
+    line(arc_counts_ptr(arc));
+}

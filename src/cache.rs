@@ -589,11 +589,12 @@ impl SyncCache {
         let mut settled_rows = std::mem::take(self.settled_rows.get_mut());
         let written = self.step(|conn| {
             for &id in &action.consumed {
-                // Inside a group, a row that simply leaves the queue is deleted with its
-                // neighbours before the commit.
-                let gone =
-                    after.queue.get(id).is_none() && !after.ignored.iter().rev().any(|i| i.entry.id == id);
-                if in_group && gone {
+                // Inside a group, a row that simply leaves the queue (neither retried nor
+                // ignored) is deleted with its neighbours before the commit.
+                let deferred = in_group
+                    && after.queue.get(id).is_none()
+                    && !after.ignored.iter().rev().any(|i| i.entry.id == id);
+                if deferred {
                     settled_rows.push(id.0 as i64);
                 } else {
                     write_queue_row(conn, after, id)?;

@@ -404,10 +404,42 @@ struct Run {
     end: u32,
 }
 
+/// An entry of `Grouping::by_record`: its record's `CrmId` (as a number), its side, the entry.
+type Keyed<'m> = (u128, Side, &'m QueueEntry);
+
+impl Run {
+    /// The run's entries in `by_record`, both sides.
+    fn all<'a, 'm>(&self, by_record: &'a [Keyed<'m>]) -> &'a [Keyed<'m>] {
+        &by_record[self.start as usize..self.end as usize]
+    }
+
+    /// The run's CRM entries.
+    fn crm<'a, 'm>(&self, by_record: &'a [Keyed<'m>]) -> &'a [Keyed<'m>] {
+        &by_record[self.start as usize..self.outlook as usize]
+    }
+
+    /// The run's Outlook entries.
+    fn outlook<'a, 'm>(&self, by_record: &'a [Keyed<'m>]) -> &'a [Keyed<'m>] {
+        &by_record[self.outlook as usize..self.end as usize]
+    }
+
+    /// Asks for the changes of the run's queue entries.
+    fn prefetch_changes(&self, by_record: &[Keyed<'_>]) {
+        for e in self.all(by_record) {
+            crate::prefetch::value(&e.2.change);
+        }
+    }
+}
+
+/// The queue entries of some entries of `by_record`.
+fn entries<'a, 'm>(keyed: &'a [Keyed<'m>]) -> impl Iterator<Item = &'m QueueEntry> + 'a {
+    keyed.iter().map(|e| e.2)
+}
+
 /// The queue grouped by record, before the records' sides are coalesced.
 struct Grouping<'m> {
     /// Entries of records keyed by `CrmId`, sorted by (record, side, queue id).
-    by_record: Vec<(u128, Side, &'m QueueEntry)>,
+    by_record: Vec<Keyed<'m>>,
     runs: Vec<Run>,
     /// Each run's `CrmId`, in one vector of their own (bisected when joining).
     run_ids: Vec<CrmId>,
@@ -427,8 +459,7 @@ impl<'m> Grouping<'m> {
         if self.mapped[r].is_some() || run.outlook != run.end || self.joined.contains_key(&r) {
             return None;
         }
-        let crm: Vec<&QueueEntry> =
-            self.by_record[run.start as usize..run.outlook as usize].iter().map(|e| e.2).collect();
+        let crm: Vec<&QueueEntry> = entries(run.crm(&self.by_record)).collect();
         coalesce(&crm).ok()
     }
 
@@ -482,11 +513,10 @@ impl<'m> Grouping<'m> {
                 continue; // not a new server record (checked in full by `new_record`)
             }
             // Only a record one of whose changes carries a wanted GOID can have it as its net.
-            let entries = &self.by_record[run.start as usize..run.outlook as usize];
-            let carries = |e: &(u128, Side, &QueueEntry)| {
-                e.2.change.record().and_then(|rec| rec.goid.as_ref()).is_some_and(|g| wanted.contains_key(g))
+            let carries = |e: &QueueEntry| {
+                e.change.record().and_then(|rec| rec.goid.as_ref()).is_some_and(|g| wanted.contains_key(g))
             };
-            if !entries.iter().any(carries) {
+            if !entries(run.crm(&self.by_record)).any(carries) {
                 continue;
             }
             let Some(net) = self.new_record(r) else { continue };
@@ -560,9 +590,8 @@ impl<'m> Grouping<'m> {
 
     /// Asks for the queue entries of run `r`, whose heads `run_order_parts` reads.
     fn prefetch_heads(&self, r: usize) {
-        let Some(run) = self.runs.get(r) else { return };
-        for e in &self.by_record[run.start as usize..run.end as usize] {
-            crate::prefetch::value(&e.2.change);
+        if let Some(run) = self.runs.get(r) {
+            run.prefetch_changes(&self.by_record);
         }
     }
 
@@ -575,10 +604,8 @@ impl<'m> Grouping<'m> {
             let head = &self.by_record[run.start as usize].2.change;
             return f(head.kind(), head.stamp(), head.key());
         }
-        let side = |from: u32, to: u32| -> Vec<&QueueEntry> {
-            self.by_record[from as usize..to as usize].iter().map(|e| e.2).collect()
-        };
-        let group = Group::new(&side(run.start, run.outlook), &side(run.outlook, run.end), None);
+        let side = |keyed| -> Vec<&QueueEntry> { entries(keyed).collect() };
+        let group = Group::new(&side(run.crm(&self.by_record)), &side(run.outlook(&self.by_record)), None);
         let (kind, stamp, key) = group.order_parts().expect("a run has at least one change");
         f(kind, stamp, key)
     }
@@ -650,7 +677,7 @@ impl<'m> Planner<'m> {
     /// meeting) by GOID. Records come in `CrmId` order, then unmapped items in `EntryId` order,
     /// so later steps never depend on the queue's order.
     fn group(&self, queue: &'m Queue) -> Grouping<'m> {
-        let mut by_record: Vec<(u128, Side, &QueueEntry)> = Vec::with_capacity(queue.len());
+        let mut by_record: Vec<Keyed<'m>> = Vec::with_capacity(queue.len());
         let mut unmapped: Vec<&QueueEntry> = Vec::new();
         // In id order, so a stable sort by (record, side) leaves each side in id order. The
         // `EntryId` text an entry ahead hashes is asked for a few entries early.
@@ -723,22 +750,18 @@ impl<'m> Planner<'m> {
         };
         let prefetch_entries = |j: usize| {
             let Some(r) = run_at(j) else { return };
-            let run = &runs[r];
-            for e in &by_record[run.start as usize..run.end as usize] {
-                crate::prefetch::value(&e.2.change);
-            }
+            runs[r].prefetch_changes(&by_record);
             if let Some(slot) = mapped[r] {
                 mapping.prefetch_slot(slot);
             }
         };
         let prefetch_blocks = |j: usize| {
             let Some(r) = run_at(j) else { return };
-            let run = &runs[r];
-            for e in &by_record[run.start as usize..run.end as usize] {
-                if let Some(record) = e.2.change.record() {
+            for e in entries(runs[r].all(&by_record)) {
+                if let Some(record) = e.change.record() {
                     record.fields.prefetch_all();
                 }
-                if let RecordKey::Outlook(key) = e.2.change.key() {
+                if let RecordKey::Outlook(key) = e.change.key() {
                     key.prefetch();
                 }
             }
@@ -771,12 +794,10 @@ impl<'m> Planner<'m> {
             let group = match r.checked_sub(runs.len()) {
                 None => {
                     let run = &runs[r];
-                    let entries =
-                        |from: u32, to: u32| by_record[from as usize..to as usize].iter().map(|e| e.2);
                     crm.clear();
-                    crm.extend(entries(run.start, run.outlook));
+                    crm.extend(entries(run.crm(&by_record)));
                     outlook.clear();
-                    outlook.extend(entries(run.outlook, run.end));
+                    outlook.extend(entries(run.outlook(&by_record)));
                     let pair = mapped[r].and_then(|slot| Some((slot, mapping.at_slot(slot)?)));
                     let mut group = Group::new(&crm, &outlook, pair);
                     let joined_side = if joined.is_empty() { None } else { joined.remove(&r) };

@@ -201,14 +201,8 @@ pub fn after_run(
         // convergence checks that it did.
         // Likewise a pair whose failed change the user chose to ignore ("ignored errors aside").
         let ignored = state.ignored.iter().map(|i| &i.entry);
-        let mut unsettled_ids = IdSet::default();
-        let mut unsettled_entries = IdSet::default();
-        for entry in state.queue.iter_unordered().chain(ignored) {
-            match entry.change.key() {
-                RecordKey::Crm(c) => unsettled_ids.insert(*c),
-                RecordKey::Outlook(e) => unsettled_entries.insert(e),
-            };
-        }
+        let (unsettled_ids, unsettled_entries): (IdSet<CrmId>, IdSet<&EntryId>) =
+            keys_of(state.queue.iter_unordered().chain(ignored));
         for entry in state.mapping.entries() {
             if unsettled_ids.contains(&entry.crm_id) || unsettled_entries.contains(&entry.entry_id) {
                 continue;
@@ -238,9 +232,9 @@ fn ignored(w: &World, u: usize) -> Result<(BTreeSet<CrmId>, BTreeSet<EntryId>), 
     let mut entries = BTreeSet::new();
     for &m in w.machines_of(u) {
         let ignored: Vec<QueueEntry> = load(w, m)?.ignored.iter().map(|i| i.entry.clone()).collect();
-        let (keyed_ids, keyed_entries) = keys_of(ignored.iter());
+        let (keyed_ids, keyed_entries): (Vec<CrmId>, Vec<&EntryId>) = keys_of(ignored.iter());
         ids.extend(keyed_ids);
-        entries.extend(keyed_entries);
+        entries.extend(keyed_entries.into_iter().cloned());
         for entry in &ignored {
             if let ChangeOp::Create(r) | ChangeOp::Update(r) = entry.change.op() {
                 ids.extend(r.crm_id);
@@ -250,18 +244,18 @@ fn ignored(w: &World, u: usize) -> Result<(BTreeSet<CrmId>, BTreeSet<EntryId>), 
     Ok((ids, entries))
 }
 
-/// The records (by `CrmId`) and items (by `EntryId`) some entries are keyed by.
-fn keys_of<'e>(entries: impl Iterator<Item = &'e QueueEntry>) -> (BTreeSet<CrmId>, BTreeSet<EntryId>) {
-    let mut ids = BTreeSet::new();
-    let mut items = BTreeSet::new();
+/// The records (by `CrmId`) and items (by `EntryId`) some entries are keyed by, gathered into
+/// the collections the caller asks for.
+fn keys_of<'e, I, E>(entries: impl Iterator<Item = &'e QueueEntry>) -> (I, E)
+where
+    I: Default + Extend<CrmId>,
+    E: Default + Extend<&'e EntryId>,
+{
+    let (mut ids, mut items) = (I::default(), E::default());
     for entry in entries {
         match entry.change.key() {
-            RecordKey::Crm(c) => {
-                ids.insert(*c);
-            }
-            RecordKey::Outlook(e) => {
-                items.insert(e.clone());
-            }
+            RecordKey::Crm(c) => ids.extend([*c]),
+            RecordKey::Outlook(e) => items.extend([e]),
         }
     }
     (ids, items)

@@ -506,17 +506,25 @@ impl<'m> Grouping<'m> {
         if wanted.is_empty() {
             return;
         }
+        // The records that may be new server records (checked in full by `new_record`), found from
+        // the runs alone, so that the changes and GOIDs of those a little ahead can be asked for
+        // while one is read.
+        let maybe_new: Vec<usize> = (0..self.runs.len())
+            .filter(|&r| self.mapped[r].is_none() && self.runs[r].outlook == self.runs[r].end)
+            .collect();
+        let goids = |r: usize| {
+            entries(self.runs[r].crm(&self.by_record)).filter_map(|e| e.change.record()?.goid.as_ref())
+        };
         let mut new_meetings: IdMap<GlobalObjectId, usize> = IdMap::default();
-        for r in 0..self.runs.len() {
-            let run = &self.runs[r];
-            if self.mapped[r].is_some() || run.outlook != run.end {
-                continue; // not a new server record (checked in full by `new_record`)
+        for (k, &r) in maybe_new.iter().enumerate() {
+            if let Some(&ahead) = maybe_new.get(k + PREFETCH_ENTRIES) {
+                self.runs[ahead].prefetch_changes(&self.by_record);
+            }
+            if let Some(&ahead) = maybe_new.get(k + PREFETCH_BLOCKS) {
+                goids(ahead).for_each(GlobalObjectId::prefetch);
             }
             // Only a record one of whose changes carries a wanted GOID can have it as its net.
-            let carries = |e: &QueueEntry| {
-                e.change.record().and_then(|rec| rec.goid.as_ref()).is_some_and(|g| wanted.contains_key(g))
-            };
-            if !entries(run.crm(&self.by_record)).any(carries) {
+            if !goids(r).any(|g| wanted.contains_key(g)) {
                 continue;
             }
             let Some(net) = self.new_record(r) else { continue };
@@ -714,10 +722,11 @@ impl<'m> Planner<'m> {
         // processor overlaps independent misses only when little other work sits between them.
         // Only the slot: the pair itself is read when the record is decided, asked for ahead.
         let mapped: Vec<Option<u32>> = run_ids.iter().map(|id| self.mapping.slot_of(*id)).collect();
-        let items = unmapped
-            .chunk_by(|a, b| a.change.key() == b.change.key())
-            .map(|run| Group::new(&[], run, None))
-            .collect();
+        // Sized first: a group is large, and a vector grown by doubling would copy them all.
+        let mut items = Vec::with_capacity(unmapped.len());
+        items.extend(
+            unmapped.chunk_by(|a, b| a.change.key() == b.change.key()).map(|run| Group::new(&[], run, None)),
+        );
         let mut grouping = Grouping { by_record, runs, run_ids, mapped, items, joined: IdMap::default() };
         grouping.join_unmapped(self.mapping);
         grouping

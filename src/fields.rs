@@ -92,6 +92,27 @@ fn write_digits(out: &mut String, mut n: usize, digits: usize) {
     buf[..digits].iter().for_each(|&b| out.push(b as char));
 }
 
+/// Whether two byte strings are equal. Inline for the short values most fields hold, where a
+/// call to the library's `memcmp` costs more than the compare: two overlapping words of up to
+/// eight bytes cover up to twice their width.
+#[inline(always)]
+pub(crate) fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    fn word<const N: usize>(s: &[u8], at: usize) -> Option<&[u8; N]> {
+        s.get(at..)?.first_chunk::<N>()
+    }
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    match n {
+        0 => true,
+        1..=3 => a[0] == b[0] && a[n / 2] == b[n / 2] && a[n - 1] == b[n - 1],
+        4..=8 => word::<4>(a, 0) == word::<4>(b, 0) && word::<4>(a, n - 4) == word::<4>(b, n - 4),
+        9..=16 => word::<8>(a, 0) == word::<8>(b, 0) && word::<8>(a, n - 8) == word::<8>(b, n - 8),
+        _ => a == b,
+    }
+}
+
 /// Reads the four base-32 digits at `at`: each byte is `'0' + digit` with digit < 32, so one
 /// subtraction without borrows leaves the four digits, which shifts put together.
 #[inline(always)]
@@ -101,8 +122,10 @@ fn read4(bytes: &[u8], at: usize) -> usize {
         debug_assert!(false, "an offset past the block");
         return 0;
     };
-    let x = u32::from_be_bytes(digits).wrapping_sub(0x3030_3030);
-    ((x >> 24 & 31) << 15 | (x >> 16 & 31) << 10 | (x >> 8 & 31) << 5 | (x & 31)) as usize
+    // Each byte holds one digit's five bits; gather them two bytes at a time, then both pairs.
+    let x = u32::from_be_bytes(digits).wrapping_sub(0x3030_3030) & 0x1f1f_1f1f;
+    let pairs = (x & 0x001f_001f) | (x >> 3 & 0x03e0_03e0);
+    ((pairs >> 6 & 0x000f_fc00) | (pairs & 0x3ff)) as usize
 }
 
 /// A field set's block with its regions located: decoded once, then any field is read by
@@ -170,9 +193,14 @@ impl<'a> View<'a> {
         for i in 0..self.len.min(other.len) {
             let end_a = read4(a, self.value_ends + OFFSET_DIGITS * i);
             let end_b = read4(b, other.value_ends + OFFSET_DIGITS * i);
-            if a.get(self.values + start_a..self.values + end_a)
-                != b.get(other.values + start_b..other.values + end_b)
-            {
+            let same = match (
+                a.get(self.values + start_a..self.values + end_a),
+                b.get(other.values + start_b..other.values + end_b),
+            ) {
+                (Some(x), Some(y)) => same_bytes(x, y),
+                (x, y) => x.is_none() && y.is_none(),
+            };
+            if !same {
                 differ |= 1 << i;
             }
             (start_a, start_b) = (end_a, end_b);
@@ -256,6 +284,14 @@ impl Fields {
     /// The fields in name order.
     pub fn iter(&self) -> FieldsIter<'_> {
         FieldsIter { view: self.view(), index: 0 }
+    }
+
+    /// Whether both are one block (clones of one set), without reading it.
+    fn same_block(&self, other: &Fields) -> bool {
+        match (&self.0, &other.0) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (a, b) => a.is_none() && b.is_none(),
+        }
     }
 
     pub(crate) fn view(&self) -> View<'_> {
@@ -569,7 +605,9 @@ impl FieldPatch {
 
     /// The patch that turns `from` into `to`.
     pub fn between(from: &Fields, to: &Fields) -> FieldPatch {
-        if from == to {
+        // One block: nothing to write. Two equal blocks are not compared whole first: they have
+        // one schema, and the values compared below all agree.
+        if from.same_block(to) {
             return FieldPatch::default();
         }
         let (a, b) = (from.view(), to.view());
@@ -833,6 +871,34 @@ impl<'de> Deserialize<'de> for FieldNames {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Short values are compared inline: equal exactly when the slices are, whatever the length
+    /// and wherever they differ.
+    #[test]
+    fn same_bytes_agrees_with_slice_equality() {
+        for len in 0..=40usize {
+            let a: Vec<u8> = (0..len as u8).map(|i| i.wrapping_mul(37)).collect();
+            assert!(same_bytes(&a, &a.clone()), "len {len}");
+            for at in 0..len {
+                let mut b = a.clone();
+                b[at] ^= 0x20;
+                assert!(!same_bytes(&a, &b), "len {len}, differing at {at}");
+            }
+            let longer: Vec<u8> = a.iter().copied().chain([0]).collect();
+            assert!(!same_bytes(&a, &longer) && !same_bytes(&longer, &a), "len {len}");
+        }
+    }
+
+    /// Every offset four digits can write reads back as itself, wherever it sits in a block.
+    #[test]
+    fn every_offset_reads_back_as_written() {
+        let mut block = String::from("x");
+        for n in 0..=FIELDS_DATA_LEN_MAX {
+            block.truncate(1);
+            write_digits(&mut block, n, OFFSET_DIGITS);
+            assert_eq!(read4(block.as_bytes(), 1), n, "{block:?}");
+        }
+    }
 
     #[test]
     fn builds_sorted_and_reads_back() {

@@ -79,9 +79,10 @@ fn merge_same_fields(
     let mut conflicts: Mask = 0;
     for i in 0..b.len() {
         let (bv, cv, ov) = (b.value_bytes(i), c.value_bytes(i), o.value_bytes(i));
-        let take_outlook = if cv == ov || ov == bv {
+        let same = crate::fields::same_bytes;
+        let take_outlook = if same(cv, ov) || same(ov, bv) {
             false
-        } else if cv == bv {
+        } else if same(cv, bv) {
             true
         } else {
             conflicts |= 1 << i;
@@ -94,10 +95,10 @@ fn merge_same_fields(
         } else {
             cv
         };
-        if r != cv {
+        if !same(r, cv) {
             set_crm |= bit;
         }
-        if r != ov {
+        if !same(r, ov) {
             set_outlook |= bit;
         }
     }

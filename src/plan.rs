@@ -820,15 +820,15 @@ impl<'m> Planner<'m> {
                 Some(k) => items[k].take().expect("each item is ordered once"),
             };
             debug_assert!(group.order_parts().is_some(), "only records with a change are ordered");
-            let action = self.decide(group);
             let position = actions.len() as u32;
+            // Decided straight into its place: an action is large, and a copy of each adds up.
+            actions.push(self.decide(group));
             claims.extend(self.claims.drain(..).map(|(claim, key)| PlacedClaim {
                 record: i,
                 position,
                 claim,
                 key,
             }));
-            actions.push(action);
         }
         self.settle_claims(&mut actions, claims);
         actions

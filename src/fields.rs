@@ -198,7 +198,7 @@ impl<'a> View<'a> {
                 b.get(other.values + start_b..other.values + end_b),
             ) {
                 (Some(x), Some(y)) => same_bytes(x, y),
-                (x, y) => x.is_none() && y.is_none(),
+                (x, y) => x == y,
             };
             if !same {
                 differ |= 1 << i;

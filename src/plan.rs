@@ -455,12 +455,17 @@ impl<'m> Grouping<'m> {
     /// The CRM side of run `r` coalesced, when it is a new server record: not mapped, no Outlook
     /// side, valid, and not joined yet.
     fn new_record(&self, r: usize) -> Option<Coalesced<'m>> {
-        let run = &self.runs[r];
-        if self.mapped[r].is_some() || run.outlook != run.end || self.joined.contains_key(&r) {
+        if !self.may_be_new(r) || self.joined.contains_key(&r) {
             return None;
         }
-        let crm: Vec<&QueueEntry> = entries(run.crm(&self.by_record)).collect();
+        let crm: Vec<&QueueEntry> = entries(self.runs[r].crm(&self.by_record)).collect();
         coalesce(&crm).ok()
+    }
+
+    /// Whether run `r` may be a new server record: not mapped and with no Outlook side (read off
+    /// the run alone; `new_record` checks the rest).
+    fn may_be_new(&self, r: usize) -> bool {
+        self.mapped[r].is_none() && self.runs[r].outlook == self.runs[r].end
     }
 
     /// Joins each unmapped item to the record of a new server record: by the `CrmId` stamped on
@@ -506,12 +511,9 @@ impl<'m> Grouping<'m> {
         if wanted.is_empty() {
             return;
         }
-        // The records that may be new server records (checked in full by `new_record`), found from
-        // the runs alone, so that the changes and GOIDs of those a little ahead can be asked for
-        // while one is read.
-        let maybe_new: Vec<usize> = (0..self.runs.len())
-            .filter(|&r| self.mapped[r].is_none() && self.runs[r].outlook == self.runs[r].end)
-            .collect();
+        // The records that may be new server records, listed first so that the changes and GOIDs
+        // of those a little ahead can be asked for while one is read.
+        let maybe_new: Vec<usize> = (0..self.runs.len()).filter(|&r| self.may_be_new(r)).collect();
         let goids = |r: usize| {
             entries(self.runs[r].crm(&self.by_record)).filter_map(|e| e.change.record()?.goid.as_ref())
         };

@@ -77,9 +77,9 @@ fn merge_same_fields(
     let mut pick_outlook: Mask = 0;
     let (mut set_crm, mut set_outlook): (Mask, Mask) = (0, 0);
     let mut conflicts: Mask = 0;
+    let same = crate::fields::same_bytes;
     for i in 0..b.len() {
         let (bv, cv, ov) = (b.value_bytes(i), c.value_bytes(i), o.value_bytes(i));
-        let same = crate::fields::same_bytes;
         let take_outlook = if same(cv, ov) || same(ov, bv) {
             false
         } else if same(cv, bv) {

@@ -2,9 +2,16 @@
 //! (about 30% of them in conflicting pairs, mixed entity types), against the floor any planner
 //! pays: `baseline_sort_merge/1M`, a plain sort by key and one linear pass over the same changes.
 //!
-//! Run: `cargo bench --bench core`
+//! Run: `cargo bench --bench core`. Both run on the allocator of the `crmsync` binary (mimalloc).
 
 use std::hint::black_box;
+
+/// The allocator the `crmsync` binary runs on (see `Cargo.toml`), so the figures are the tool's.
+/// Under glibc's malloc each 1M plan's actions (about 250 MB) came from fresh pages that the
+/// kernel faults in one 4 KiB page at a time, and took back once the plan was settled
+/// (ARCHITECTURE.md, "Memory"). The baseline runs on it too.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use chrono::{DateTime, Duration, Utc};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};

@@ -25,6 +25,11 @@
 #![deny(unsafe_code)]
 #![warn(clippy::unwrap_used)]
 
+/// mimalloc, not the system's malloc: it keeps freed memory for reuse, where glibc hands every
+/// block past 32 MiB (the plan of a large queue) back to the kernel, to be faulted in afresh.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

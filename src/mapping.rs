@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::index::IdMap;
+use crate::index::{SlotIndex, slot_hash};
 
 use crate::change::{ActivityStatus, Role};
 use crate::entity::ObjectTypeCode;
@@ -82,9 +82,9 @@ pub enum MappingError {
 /// The `IdMappingTable`. Lookups by `CrmId`, `EntryId` and `GlobalObjectId`.
 ///
 /// Layout: the entries sit in one vector (`slots`, in the order they were first linked, a removed
-/// entry's slot reused by the next link); `by_crm` points a `CrmId` at its slot, so the index a
-/// lookup hashes into is small (an id and a number per pair) and the entries themselves are read
-/// in the order they were made. `by_entry` and `by_goid` map back to the `CrmId`.
+/// entry's slot reused by the next link), read in the order they were made. `by_crm`, `by_entry`
+/// and `by_goid` point a `CrmId`, an `EntryId` and a GOID at the slot, each holding only the
+/// key's hash and the slot (8 bytes a bucket): a lookup confirms its candidate against the pair.
 #[derive(Clone, Default)]
 pub struct Mapping {
     slots: Vec<Slot>,
@@ -92,9 +92,9 @@ pub struct Mapping {
     free: Option<u32>,
     /// How many slots are empty.
     free_len: usize,
-    by_crm: IdMap<CrmId, u32>,
-    by_entry: IdMap<EntryId, CrmId>,
-    by_goid: IdMap<GlobalObjectId, CrmId>,
+    by_crm: SlotIndex,
+    by_entry: SlotIndex,
+    by_goid: SlotIndex,
 }
 
 /// A place in `Mapping::slots`: a pair, or empty and naming the next empty one.
@@ -138,12 +138,12 @@ impl Mapping {
         if let Some(old) = self.get(entry.crm_id) {
             return Err(MappingError::CrmIdTaken { crm_id: entry.crm_id, entry_id: old.entry_id.clone() });
         }
-        if let Some(crm_id) = self.by_entry.get(&entry.entry_id) {
-            return Err(MappingError::EntryIdTaken { entry_id: entry.entry_id, crm_id: *crm_id });
+        if let Some(crm_id) = self.crm_id_of(&entry.entry_id) {
+            return Err(MappingError::EntryIdTaken { entry_id: entry.entry_id, crm_id });
         }
         if let Some(goid) = &entry.goid {
-            if let Some(crm_id) = self.by_goid.get(goid) {
-                return Err(MappingError::GoidTaken { goid: goid.clone(), crm_id: *crm_id });
+            if let Some(crm_id) = self.crm_id_of_goid(goid) {
+                return Err(MappingError::GoidTaken { goid: goid.clone(), crm_id });
             }
         }
         self.put(entry);
@@ -191,10 +191,10 @@ impl Mapping {
         if held {
             drop_crm(self, entry.crm_id);
         }
-        if let Some(crm_id) = self.by_entry.get(&entry.entry_id).copied() {
+        if let Some(crm_id) = self.crm_id_of(&entry.entry_id) {
             drop_crm(self, crm_id);
         }
-        if let Some(crm_id) = entry.goid.as_ref().and_then(|g| self.by_goid.get(g)).copied() {
+        if let Some(crm_id) = entry.goid.as_ref().and_then(|g| self.crm_id_of_goid(g)) {
             drop_crm(self, crm_id);
         }
         self.put(entry);
@@ -203,11 +203,8 @@ impl Mapping {
 
     /// Stores a pair that collides with none.
     fn put(&mut self, entry: MappingEntry) {
-        self.by_entry.insert(entry.entry_id.clone(), entry.crm_id);
-        if let Some(goid) = &entry.goid {
-            self.by_goid.insert(goid.clone(), entry.crm_id);
-        }
-        let crm_id = entry.crm_id;
+        let (crm_id, entry_hash) = (entry.crm_id, slot_hash(&entry.entry_id));
+        let goid_hash = entry.goid.as_ref().map(slot_hash);
         let slot = match self.free {
             Some(slot) => {
                 let Slot::Free { next } =
@@ -220,26 +217,35 @@ impl Mapping {
                 slot
             }
             None => {
-                // At most 2^32 - 1 pairs: far past any mailbox (and memory).
-                let slot = u32::try_from(self.slots.len()).expect("fewer than 2^32 mapped pairs");
+                // Fewer than 2^32 - 1 pairs (so a slot plus one fits 32 bits): far past any
+                // mailbox (and memory).
+                let slot = u32::try_from(self.slots.len())
+                    .ok()
+                    .filter(|&slot| slot < u32::MAX)
+                    .expect("fewer than 2^32 - 1 mapped pairs");
                 self.slots.push(Slot::Used(entry));
                 slot
             }
         };
-        self.by_crm.insert(crm_id, slot);
+        self.by_crm.insert(slot_hash(&crm_id), slot);
+        self.by_entry.insert(entry_hash, slot);
+        if let Some(hash) = goid_hash {
+            self.by_goid.insert(hash, slot);
+        }
     }
 
     pub fn remove(&mut self, crm_id: CrmId) -> Option<MappingEntry> {
-        let slot = self.by_crm.remove(&crm_id)?;
+        let slot = self.slot_of(crm_id)?;
+        self.by_crm.remove(slot_hash(&crm_id), slot);
         let freed = Slot::Free { next: self.free };
         let Slot::Used(old) = std::mem::replace(&mut self.slots[slot as usize], freed) else {
             unreachable!("the index names only used slots")
         };
         self.free = Some(slot);
         self.free_len += 1;
-        self.by_entry.remove(&old.entry_id);
+        self.by_entry.remove(slot_hash(&old.entry_id), slot);
         if let Some(goid) = &old.goid {
-            self.by_goid.remove(goid);
+            self.by_goid.remove(slot_hash(goid), slot);
         }
         if self.free_len > 64 && self.free_len > 2 * self.by_crm.len() {
             self.compact();
@@ -249,12 +255,20 @@ impl Mapping {
 
     /// Drops the empty slots and re-points the index.
     fn compact(&mut self) {
+        let mut new_slot = vec![u32::MAX; self.slots.len()];
+        let mut next = 0;
+        for (old, slot) in self.slots.iter().enumerate() {
+            if let Slot::Used(_) = slot {
+                new_slot[old] = next;
+                next += 1;
+            }
+        }
         self.slots.retain(|slot| matches!(slot, Slot::Used(_)));
         self.free = None;
         self.free_len = 0;
-        for (slot, entry) in self.slots.iter().filter_map(Slot::used).enumerate() {
-            self.by_crm.insert(entry.crm_id, slot as u32);
-        }
+        self.by_crm.renumber(&new_slot);
+        self.by_entry.renumber(&new_slot);
+        self.by_goid.renumber(&new_slot);
     }
 
     /// Prefetches slot `slot`.
@@ -272,7 +286,7 @@ impl Mapping {
     }
 
     fn get_mut(&mut self, crm_id: CrmId) -> Option<&mut MappingEntry> {
-        let slot = *self.by_crm.get(&crm_id)?;
+        let slot = self.slot_of(crm_id)?;
         match &mut self.slots[slot as usize] {
             Slot::Used(entry) => Some(entry),
             Slot::Free { .. } => None,
@@ -280,21 +294,93 @@ impl Mapping {
     }
 
     /// The slot of the pair of `crm_id` (read it with [`Mapping::at_slot`]; a hint for
-    /// [`Mapping::link_at`]), without reading the pair.
+    /// [`Mapping::link_at`]).
     pub(crate) fn slot_of(&self, crm_id: CrmId) -> Option<u32> {
-        self.by_crm.get(&crm_id).copied()
+        self.by_crm.find(slot_hash(&crm_id), |slot| self.holds(slot, |e| e.crm_id == crm_id))
     }
 
     pub fn get(&self, crm_id: CrmId) -> Option<&MappingEntry> {
-        self.slots[*self.by_crm.get(&crm_id)? as usize].used()
+        self.at_slot(self.slot_of(crm_id)?)
     }
 
     pub fn crm_id_of(&self, entry_id: &EntryId) -> Option<CrmId> {
-        self.by_entry.get(entry_id).copied()
+        let slot =
+            self.by_entry.find(slot_hash(entry_id), |slot| self.holds(slot, |e| e.entry_id == *entry_id))?;
+        self.at_slot(slot).map(|entry| entry.crm_id)
     }
 
     pub fn crm_id_of_goid(&self, goid: &GlobalObjectId) -> Option<CrmId> {
-        self.by_goid.get(goid).copied()
+        let slot =
+            self.by_goid.find(slot_hash(goid), |slot| self.holds(slot, |e| e.goid.as_ref() == Some(goid)))?;
+        self.at_slot(slot).map(|entry| entry.crm_id)
+    }
+
+    /// [`Mapping::slot_of`] for many ids at once, in their order. Each lookup waits for two lines
+    /// in turn (its bucket, then the pair it names), likely far from cache: each is asked for
+    /// some lookups ahead.
+    pub(crate) fn slots_of(&self, crm_ids: &[CrmId]) -> Vec<Option<u32>> {
+        // How far ahead of the lookup its bucket, then its candidate pair, is asked for.
+        const BUCKET: usize = 16;
+        const PAIR: usize = 8;
+        let hashes: Vec<u32> = crm_ids.iter().map(slot_hash).collect();
+        let mut found = Vec::with_capacity(crm_ids.len());
+        for (i, (&crm_id, &hash)) in crm_ids.iter().zip(&hashes).enumerate() {
+            if let Some(&hash) = hashes.get(i + BUCKET) {
+                self.by_crm.prefetch(hash);
+            }
+            if let Some(slot) = hashes.get(i + PAIR).and_then(|&hash| self.by_crm.candidate(hash)) {
+                self.prefetch_slot(slot);
+            }
+            found.push(self.by_crm.find(hash, |slot| self.holds(slot, |e| e.crm_id == crm_id)));
+        }
+        found
+    }
+
+    /// [`Mapping::crm_id_of`] for many ids at once, in their order. Each lookup waits for three
+    /// lines in turn (its bucket, the pair it names, that pair's id text), all likely far from
+    /// cache: each is asked for some lookups ahead, as soon as the line before it is in.
+    pub(crate) fn crm_ids_of(&self, keys: &[&EntryId]) -> Vec<Option<CrmId>> {
+        // How far ahead of the lookup each line is asked for: the key's text (hashed next),
+        // its bucket, the candidate pair, and that pair's id text.
+        const TEXT: usize = 24;
+        const BUCKET: usize = 16;
+        const PAIR: usize = 8;
+        const PAIR_TEXT: usize = 4;
+        let mut hashes = vec![0u32; keys.len()];
+        let mut found = Vec::with_capacity(keys.len());
+        for i in 0..keys.len() {
+            if let Some(key) = keys.get(i + TEXT) {
+                key.prefetch();
+            }
+            if let Some(key) = keys.get(i + BUCKET) {
+                let hash = slot_hash(*key);
+                hashes[i + BUCKET] = hash;
+                self.by_entry.prefetch(hash);
+            }
+            if i + PAIR < keys.len() {
+                if let Some(slot) = self.by_entry.candidate(hashes[i + PAIR]) {
+                    self.prefetch_slot(slot);
+                }
+            }
+            if i + PAIR_TEXT < keys.len() {
+                let pair = self.by_entry.candidate(hashes[i + PAIR_TEXT]).and_then(|slot| self.at_slot(slot));
+                if let Some(pair) = pair {
+                    pair.entry_id.prefetch();
+                }
+            }
+            // The first lookups were not asked for ahead.
+            let hash = if i < BUCKET { slot_hash(keys[i]) } else { hashes[i] };
+            let key = keys[i];
+            let slot = self.by_entry.find(hash, |slot| self.holds(slot, |e| e.entry_id == *key));
+            found.push(slot.and_then(|slot| self.at_slot(slot)).map(|entry| entry.crm_id));
+        }
+        found
+    }
+
+    /// Whether `slot` holds a pair that `is` accepts (an index's candidate confirmed).
+    #[inline]
+    fn holds(&self, slot: u32, is: impl FnOnce(&MappingEntry) -> bool) -> bool {
+        self.at_slot(slot).is_some_and(is)
     }
 
     pub fn len(&self) -> usize {
@@ -302,7 +388,7 @@ impl Mapping {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_crm.is_empty()
+        self.by_crm.len() == 0
     }
 
     /// The entries in no particular order (callers that need an order sort).
@@ -333,11 +419,11 @@ impl Mapping {
             if self.get(e.crm_id) != Some(e) {
                 return Err(format!("{} is not indexed to its slot", e.crm_id));
             }
-            if self.by_entry.get(&e.entry_id) != Some(&e.crm_id) {
+            if self.crm_id_of(&e.entry_id) != Some(e.crm_id) {
                 return Err(format!("{} -> {} has no way back", e.crm_id, e.entry_id));
             }
             if let Some(goid) = &e.goid {
-                if self.by_goid.get(goid) != Some(&e.crm_id) {
+                if self.crm_id_of_goid(goid) != Some(e.crm_id) {
                     return Err(format!("GOID {goid} of {} is not indexed to it", e.crm_id));
                 }
             }

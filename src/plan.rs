@@ -640,8 +640,6 @@ const PREFETCH_RUNS: usize = 48;
 const PREFETCH_RUN_ENTRIES: usize = 32;
 const PREFETCH_ENTRIES: usize = 16;
 const PREFETCH_BLOCKS: usize = 8;
-/// How many queue entries ahead `Planner::group` asks for an entry's `EntryId` text.
-const PREFETCH_SCAN: usize = 16;
 
 struct Planner<'m> {
     mapping: &'m Mapping,
@@ -691,17 +689,19 @@ impl<'m> Planner<'m> {
         let mut unmapped: Vec<&QueueEntry> = Vec::new();
         // In id order, so a stable sort by (record, side) leaves each side in id order. The
         // `EntryId` text an entry ahead hashes is asked for a few entries early.
-        let mut ahead = queue.iter().skip(PREFETCH_SCAN);
+        let mut items: Vec<(&EntryId, &'m QueueEntry)> = Vec::new();
         for entry in queue.iter() {
-            if let Some(RecordKey::Outlook(key)) = ahead.next().map(|e| e.change.key()) {
-                key.prefetch();
-            }
             match entry.change.key() {
                 RecordKey::Crm(id) => by_record.push((id.as_u128(), Side::Crm, entry)),
-                RecordKey::Outlook(entry_id) => match self.mapping.crm_id_of(entry_id) {
-                    Some(id) => by_record.push((id.as_u128(), Side::Outlook, entry)),
-                    None => unmapped.push(entry),
-                },
+                RecordKey::Outlook(entry_id) => items.push((entry_id, entry)),
+            }
+        }
+        // The items' pairs, looked up in one batch that asks for its lines ahead.
+        let keys: Vec<&EntryId> = items.iter().map(|(key, _)| *key).collect();
+        for ((_, entry), crm_id) in items.into_iter().zip(self.mapping.crm_ids_of(&keys)) {
+            match crm_id {
+                Some(id) => by_record.push((id.as_u128(), Side::Outlook, entry)),
+                None => unmapped.push(entry),
             }
         }
         by_record.sort_by_key(|&(record, side, _)| (record, side));
@@ -723,7 +723,7 @@ impl<'m> Planner<'m> {
         // The mapping lookups in a loop of their own: each is a likely cache miss, and the
         // processor overlaps independent misses only when little other work sits between them.
         // Only the slot: the pair itself is read when the record is decided, asked for ahead.
-        let mapped: Vec<Option<u32>> = run_ids.iter().map(|id| self.mapping.slot_of(*id)).collect();
+        let mapped = self.mapping.slots_of(&run_ids);
         // Sized first: a group is large, and a vector grown by doubling would copy them all.
         let mut items = Vec::with_capacity(unmapped.len());
         items.extend(

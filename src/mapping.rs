@@ -279,6 +279,24 @@ impl Mapping {
         }
     }
 
+    /// Asks for the buckets that linking or removing the pair `crm_id` -> `entry_id` (with
+    /// `goid`) reads and writes. Hashing reads the ids' text: ask for it first.
+    #[inline(always)]
+    pub(crate) fn prefetch_buckets(
+        &self,
+        crm_id: CrmId,
+        entry_id: Option<&EntryId>,
+        goid: Option<&GlobalObjectId>,
+    ) {
+        self.by_crm.prefetch(slot_hash(&crm_id));
+        if let Some(entry_id) = entry_id {
+            self.by_entry.prefetch(slot_hash(entry_id));
+        }
+        if let Some(goid) = goid {
+            self.by_goid.prefetch(slot_hash(goid));
+        }
+    }
+
     /// The entry in `slot`, if any (for prefetching what settling it will touch).
     #[inline(always)]
     pub(crate) fn at_slot(&self, slot: u32) -> Option<&MappingEntry> {

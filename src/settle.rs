@@ -118,6 +118,9 @@ pub fn settle_all(
         if let Some(next) = ahead.get(PREFETCH_BLOCKS) {
             prefetch_blocks(&state, next);
         }
+        if let Some(next) = ahead.get(PREFETCH_BUCKETS) {
+            prefetch_buckets(&state.mapping, next);
+        }
         let Some(action) = actions.next() else { break };
         let outcome = outcome_of(&action);
         let Action { op, link, consumed, slot, .. } = action;
@@ -130,9 +133,11 @@ pub fn settle_all(
 }
 
 /// How many actions ahead `settle_all` asks for an action's queue slots, mapping slot and the
-/// blocks its op holds, and then (nearer) for the blocks those slots point to.
+/// blocks its op holds, then (nearer) for the blocks those slots point to, and then (nearer still)
+/// for the mapping's index buckets a new or removed pair reads and writes.
 const PREFETCH_SLOTS: usize = 16;
 const PREFETCH_BLOCKS: usize = 8;
+const PREFETCH_BUCKETS: usize = 4;
 
 /// The slots settling `action` reads and writes, and the counts of the blocks its op drops.
 fn prefetch_slots(state: &SyncState, action: &Action) {
@@ -155,6 +160,12 @@ fn prefetch_slots(state: &SyncState, action: &Action) {
         }
         _ => {}
     }
+    // A new pair's GOID, hashed when its bucket is asked for.
+    if let (LinkChange::Link(link), None) = (&action.link, action.slot.get()) {
+        if let Some(goid) = &link.goid {
+            goid.prefetch();
+        }
+    }
 }
 
 /// The counts of the blocks the slots of `action` hold (read from the slots `prefetch_slots` asked
@@ -173,6 +184,26 @@ fn prefetch_blocks(state: &SyncState, action: &Action) {
     if let Some(pair) = action.slot.get().and_then(|slot| state.mapping.at_slot(slot)) {
         pair.base.prefetch();
         pair.entry_id.prefetch();
+        if let Some(goid) = &pair.goid {
+            goid.prefetch();
+        }
+    }
+}
+
+/// The index buckets settling `action` reads and writes: a new pair's, or a removed pair's
+/// (hashing the ids whose text `prefetch_slots` and `prefetch_blocks` asked for). A pair
+/// updated where it sits touches none.
+fn prefetch_buckets(mapping: &Mapping, action: &Action) {
+    match (&action.link, action.slot.get()) {
+        (LinkChange::Link(link), None) => {
+            mapping.prefetch_buckets(link.crm_id, link.entry_id.as_ref(), link.goid.as_ref());
+        }
+        (LinkChange::Remove(crm_id), Some(slot)) => {
+            if let Some(pair) = mapping.at_slot(slot) {
+                mapping.prefetch_buckets(*crm_id, Some(&pair.entry_id), pair.goid.as_ref());
+            }
+        }
+        _ => {}
     }
 }
 

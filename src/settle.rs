@@ -175,6 +175,9 @@ fn prefetch_blocks(state: &SyncState, action: &Action) {
         if let Some(entry) = state.queue.get(*id) {
             if let Some(record) = entry.change.record() {
                 record.fields.prefetch();
+                if let Some(goid) = &record.goid {
+                    goid.prefetch();
+                }
             }
             if let RecordKey::Outlook(key) = entry.change.key() {
                 key.prefetch();

@@ -345,6 +345,27 @@ mod slot_index_tests {
         }
     }
 
+    /// Real ids spread over the buckets: no entry sits far from its home, so a lookup reads one
+    /// line or two (a constant hash, or every probe starting at one bucket, would still find
+    /// everything, slowly).
+    #[test]
+    fn entries_sit_near_their_home_bucket() {
+        let mut index = SlotIndex::default();
+        let ids: Vec<uuid::Uuid> = (0..4096u64).map(|n| uuid::Uuid::from_u64_pair(0x5eed, n + 1)).collect();
+        for (slot, id) in ids.iter().enumerate() {
+            index.insert(slot_hash(id), slot as u32);
+        }
+        let mask = index.buckets.len() - 1;
+        let farthest = (0..index.buckets.len())
+            .filter(|&i| index.buckets[i] != 0)
+            .map(|i| i.wrapping_sub(index.home((index.buckets[i] >> 32) as u32)) & mask)
+            .max();
+        assert!(farthest.is_some_and(|d| d < 32), "an entry sits {farthest:?} buckets past its home");
+        for (slot, id) in ids.iter().enumerate() {
+            assert_eq!(index.find(slot_hash(id), |s| s == slot as u32), Some(slot as u32));
+        }
+    }
+
     #[test]
     fn an_empty_index_finds_nothing_and_removes_nothing() {
         let mut index = SlotIndex::default();

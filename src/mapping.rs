@@ -489,6 +489,8 @@ mod tests {
             assert_eq!(mapping.remove(pair(n).crm_id), Some(pair(n)));
             mapping.check_invariants().unwrap();
         }
+        // 60 pairs left in 300 slots: swept (the indexes re-pointed), not merely reused.
+        assert!(mapping.slots.len() < 200, "{} slots for 60 pairs", mapping.slots.len());
         for n in 300..340 {
             assert!(mapping.link(pair(n)).is_empty());
         }
@@ -504,6 +506,47 @@ mod tests {
         assert_eq!(mapping, fresh, "equality ignores where pairs sit");
         assert_eq!(mapping.entries(), fresh.entries());
         assert_eq!(mapping.remove(pair(1).crm_id), None);
+    }
+
+    /// Two ids whose hashes collide: the index files both under one hash, and a lookup takes a
+    /// candidate only once its pair holds the very id asked for.
+    #[test]
+    fn a_lookup_confirms_its_candidate_against_the_pair() {
+        let mut seen = std::collections::HashMap::new();
+        let (a, b) = (0u64..)
+            .map(|n| EntryId::new(format!("E{n}")).expect("valid"))
+            .find_map(|id| seen.insert(slot_hash(&id), id.clone()).map(|earlier| (earlier, id)))
+            .expect("32-bit hashes collide within a few hundred thousand ids");
+        assert_eq!(slot_hash(&a), slot_hash(&b));
+        let mut mapping = Mapping::new();
+        assert!(mapping.is_empty());
+        let held = MappingEntry { entry_id: a.clone(), ..pair(1) };
+        mapping.insert(held.clone()).unwrap();
+        assert!(!mapping.is_empty());
+        assert_eq!(mapping.crm_id_of(&a), Some(held.crm_id));
+        assert_eq!(mapping.crm_id_of(&b), None, "{b} shares {a}'s hash, not its pair");
+        assert_eq!(mapping.crm_ids_of(&[&b, &a]), [None, Some(held.crm_id)]);
+        let other = MappingEntry { entry_id: b.clone(), ..pair(2) };
+        mapping.insert(other.clone()).unwrap();
+        assert_eq!(mapping.crm_id_of(&b), Some(other.crm_id));
+        assert_eq!(mapping.remove(held.crm_id), Some(held));
+        assert_eq!(mapping.crm_id_of(&a), None);
+        assert_eq!(mapping.crm_id_of(&b), Some(other.crm_id));
+        mapping.check_invariants().unwrap();
+    }
+
+    /// `check_invariants` (which the property tests lean on) notices an index out of step.
+    #[test]
+    fn check_invariants_notices_an_index_out_of_step() {
+        let mut mapping = Mapping::new();
+        for n in 0..3 {
+            mapping.insert(pair(n)).unwrap();
+        }
+        mapping.check_invariants().unwrap();
+        let (entry_id, slot) = (pair(1).entry_id, mapping.slot_of(pair(1).crm_id).unwrap());
+        assert!(mapping.by_entry.remove(slot_hash(&entry_id), slot));
+        let error = mapping.check_invariants().unwrap_err();
+        assert!(error.contains("EntryIds"), "{error}");
     }
 
     /// The batched lookups (which ask for lines ahead) answer what one-by-one lookups do, for

@@ -508,6 +508,22 @@ mod tests {
         assert_eq!(mapping.remove(pair(1).crm_id), None);
     }
 
+    /// A held pair without a GOID re-pointed to another item: found by its `CrmId` alone (no
+    /// GOID leads to it), replaced, and handed back.
+    #[test]
+    fn re_pointing_a_pair_without_a_goid_replaces_it() {
+        let mut mapping = Mapping::new();
+        let held = pair(1);
+        assert_eq!(held.goid, None);
+        mapping.insert(held.clone()).unwrap();
+        let moved = MappingEntry { entry_id: EntryId::new("E-moved").unwrap(), ..held.clone() };
+        assert_eq!(mapping.link(moved.clone()), [held.clone()]);
+        assert_eq!(mapping.len(), 1);
+        assert_eq!(mapping.get(held.crm_id), Some(&moved));
+        assert_eq!(mapping.crm_id_of(&held.entry_id), None);
+        mapping.check_invariants().unwrap();
+    }
+
     /// Two ids whose hashes collide: the index files both under one hash, and a lookup takes a
     /// candidate only once its pair holds the very id asked for.
     #[test]

@@ -517,7 +517,7 @@ mod tests {
         assert_eq!(held.goid, None);
         mapping.insert(held.clone()).unwrap();
         let moved = MappingEntry { entry_id: EntryId::new("E-moved").unwrap(), ..held.clone() };
-        assert_eq!(mapping.link(moved.clone()), [held.clone()]);
+        assert_eq!(mapping.link(moved.clone()), std::slice::from_ref(&held));
         assert_eq!(mapping.len(), 1);
         assert_eq!(mapping.get(held.crm_id), Some(&moved));
         assert_eq!(mapping.crm_id_of(&held.entry_id), None);

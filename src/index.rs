@@ -1,8 +1,9 @@
 //! The in-memory indexes: [`IdMap`], std's `HashMap` with a small multiply-rotate hasher (the
 //! FxHash scheme) in place of SipHash, which dominated planning time on large queues (its
 //! finaliser spreads every input bit, so ids that differ only in their high bytes still land in
-//! different buckets); and [`SlotIndex`], which finds keys kept in a vector of slots elsewhere
-//! (the mapping's pairs by `EntryId` and by GOID) and can be asked for a lookup's line ahead.
+//! different buckets), for the planner's own tables; and [`SlotIndex`], which finds keys kept in
+//! a vector of slots elsewhere (the mapping's pairs by `CrmId`, `EntryId` and GOID) and can be
+//! asked for a lookup's line ahead.
 //!
 //! Architecture invariant: nothing iterates one of these maps in an order that reaches an output;
 //! every caller that lists entries sorts them first, so the hasher never affects a decision.

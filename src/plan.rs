@@ -687,8 +687,7 @@ impl<'m> Planner<'m> {
     fn group(&self, queue: &'m Queue) -> Grouping<'m> {
         let mut by_record: Vec<Keyed<'m>> = Vec::with_capacity(queue.len());
         let mut unmapped: Vec<&QueueEntry> = Vec::new();
-        // In id order, so a stable sort by (record, side) leaves each side in id order. The
-        // `EntryId` text an entry ahead hashes is asked for a few entries early.
+        // In id order, so a stable sort by (record, side) leaves each side in id order.
         let mut items: Vec<(&EntryId, &'m QueueEntry)> = Vec::new();
         for entry in queue.iter() {
             match entry.change.key() {
@@ -720,9 +719,8 @@ impl<'m> Planner<'m> {
         }
         let run_ids: Vec<CrmId> =
             runs.iter().map(|run| CrmId::from_u128(by_record[run.start as usize].0)).collect();
-        // The mapping lookups in a loop of their own: each is a likely cache miss, and the
-        // processor overlaps independent misses only when little other work sits between them.
-        // Only the slot: the pair itself is read when the record is decided, asked for ahead.
+        // The runs' pairs, looked up in one batch that asks for each bucket and pair ahead (the
+        // pair, read to confirm the lookup, is read again when the record is decided).
         let mapped = self.mapping.slots_of(&run_ids);
         // Sized first: a group is large, and a vector grown by doubling would copy them all.
         let mut items = Vec::with_capacity(unmapped.len());

@@ -123,6 +123,24 @@ impl SlotIndex {
         (hash as u64) << 32 | (slot as u64 + 1)
     }
 
+    /// The hash a filled bucket holds.
+    #[inline]
+    fn hash_in(bucket: u64) -> u32 {
+        (bucket >> 32) as u32
+    }
+
+    /// The slot a filled bucket holds.
+    #[inline]
+    fn slot_in(bucket: u64) -> u32 {
+        bucket as u32 - 1
+    }
+
+    /// How many buckets past its home bucket the filled bucket `i` sits.
+    #[inline]
+    fn distance_from_home(&self, i: usize) -> usize {
+        i.wrapping_sub(self.home(Self::hash_in(self.buckets[i]))) & (self.buckets.len() - 1)
+    }
+
     /// The slot filed under `hash` whose key `is_key` accepts (the caller compares the key it
     /// looks for with the one in the slot).
     #[inline]
@@ -136,8 +154,8 @@ impl SlotIndex {
             if b == 0 {
                 return None;
             }
-            if (b >> 32) as u32 == hash {
-                let slot = b as u32 - 1;
+            if Self::hash_in(b) == hash {
+                let slot = Self::slot_in(b);
                 if is_key(slot) {
                     return Some(slot);
                 }
@@ -171,7 +189,7 @@ impl SlotIndex {
     }
 
     fn place(&mut self, bucket: u64) {
-        let mut i = self.home((bucket >> 32) as u32);
+        let mut i = self.home(Self::hash_in(bucket));
         while self.buckets[i] != 0 {
             i = self.next(i);
         }
@@ -210,8 +228,7 @@ impl SlotIndex {
             if b == 0 {
                 break;
             }
-            let from_home = j.wrapping_sub(self.home((b >> 32) as u32)) & mask;
-            if j.wrapping_sub(hole) & mask <= from_home {
+            if j.wrapping_sub(hole) & mask <= self.distance_from_home(j) {
                 self.buckets[hole] = b;
                 hole = j;
             }
@@ -225,7 +242,7 @@ impl SlotIndex {
     /// so buckets, stay.
     pub(crate) fn renumber(&mut self, new_slot: &[u32]) {
         for b in self.buckets.iter_mut().filter(|b| **b != 0) {
-            *b = Self::bucket((*b >> 32) as u32, new_slot[(*b as u32 - 1) as usize]);
+            *b = Self::bucket(Self::hash_in(*b), new_slot[Self::slot_in(*b) as usize]);
         }
     }
 }
@@ -356,10 +373,9 @@ mod slot_index_tests {
         for (slot, id) in ids.iter().enumerate() {
             index.insert(slot_hash(id), slot as u32);
         }
-        let mask = index.buckets.len() - 1;
         let farthest = (0..index.buckets.len())
             .filter(|&i| index.buckets[i] != 0)
-            .map(|i| i.wrapping_sub(index.home((index.buckets[i] >> 32) as u32)) & mask)
+            .map(|i| index.distance_from_home(i))
             .max();
         assert!(farthest.is_some_and(|d| d < 32), "an entry sits {farthest:?} buckets past its home");
         for (slot, id) in ids.iter().enumerate() {

@@ -235,8 +235,9 @@ impl Mapping {
     }
 
     pub fn remove(&mut self, crm_id: CrmId) -> Option<MappingEntry> {
-        let slot = self.slot_of(crm_id)?;
-        self.by_crm.remove(slot_hash(&crm_id), slot);
+        let hash = slot_hash(&crm_id);
+        let slot = self.find_crm(hash, crm_id)?;
+        self.by_crm.remove(hash, slot);
         let freed = Slot::Free { next: self.free };
         let Slot::Used(old) = std::mem::replace(&mut self.slots[slot as usize], freed) else {
             unreachable!("the index names only used slots")
@@ -314,7 +315,7 @@ impl Mapping {
     /// The slot of the pair of `crm_id` (read it with [`Mapping::at_slot`]; a hint for
     /// [`Mapping::link_at`]).
     pub(crate) fn slot_of(&self, crm_id: CrmId) -> Option<u32> {
-        self.by_crm.find(slot_hash(&crm_id), |slot| self.holds(slot, |e| e.crm_id == crm_id))
+        self.find_crm(slot_hash(&crm_id), crm_id)
     }
 
     pub fn get(&self, crm_id: CrmId) -> Option<&MappingEntry> {
@@ -322,9 +323,7 @@ impl Mapping {
     }
 
     pub fn crm_id_of(&self, entry_id: &EntryId) -> Option<CrmId> {
-        let slot =
-            self.by_entry.find(slot_hash(entry_id), |slot| self.holds(slot, |e| e.entry_id == *entry_id))?;
-        self.at_slot(slot).map(|entry| entry.crm_id)
+        self.find_entry(slot_hash(entry_id), entry_id)
     }
 
     pub fn crm_id_of_goid(&self, goid: &GlobalObjectId) -> Option<CrmId> {
@@ -349,7 +348,7 @@ impl Mapping {
             if let Some(slot) = hashes.get(i + PAIR).and_then(|&hash| self.by_crm.candidate(hash)) {
                 self.prefetch_slot(slot);
             }
-            found.push(self.by_crm.find(hash, |slot| self.holds(slot, |e| e.crm_id == crm_id)));
+            found.push(self.find_crm(hash, crm_id));
         }
         found
     }
@@ -384,10 +383,22 @@ impl Mapping {
             if let Some(pair) = pair.and_then(|slot| self.at_slot(slot)) {
                 pair.entry_id.prefetch();
             }
-            let slot = self.by_entry.find(hashes[i], |slot| self.holds(slot, |e| e.entry_id == *key));
-            found.push(slot.and_then(|slot| self.at_slot(slot)).map(|entry| entry.crm_id));
+            found.push(self.find_entry(hashes[i], key));
         }
         found
+    }
+
+    /// The slot of the pair of `crm_id`, whose [`slot_hash`] is `hash`.
+    #[inline]
+    fn find_crm(&self, hash: u32, crm_id: CrmId) -> Option<u32> {
+        self.by_crm.find(hash, |slot| self.holds(slot, |e| e.crm_id == crm_id))
+    }
+
+    /// The `CrmId` paired with `entry_id`, whose [`slot_hash`] is `hash`.
+    #[inline]
+    fn find_entry(&self, hash: u32, entry_id: &EntryId) -> Option<CrmId> {
+        let slot = self.by_entry.find(hash, |slot| self.holds(slot, |e| e.entry_id == *entry_id))?;
+        self.at_slot(slot).map(|entry| entry.crm_id)
     }
 
     /// Whether `slot` holds a pair that `is` accepts (an index's candidate confirmed).

@@ -688,16 +688,18 @@ impl<'m> Planner<'m> {
         let mut by_record: Vec<Keyed<'m>> = Vec::with_capacity(queue.len());
         let mut unmapped: Vec<&QueueEntry> = Vec::new();
         // In id order, so a stable sort by (record, side) leaves each side in id order.
-        let mut items: Vec<(&EntryId, &'m QueueEntry)> = Vec::new();
+        let (mut items, mut keys): (Vec<&'m QueueEntry>, Vec<&EntryId>) = (Vec::new(), Vec::new());
         for entry in queue.iter() {
             match entry.change.key() {
                 RecordKey::Crm(id) => by_record.push((id.as_u128(), Side::Crm, entry)),
-                RecordKey::Outlook(entry_id) => items.push((entry_id, entry)),
+                RecordKey::Outlook(entry_id) => {
+                    items.push(entry);
+                    keys.push(entry_id);
+                }
             }
         }
         // The items' pairs, looked up in one batch that asks for its lines ahead.
-        let keys: Vec<&EntryId> = items.iter().map(|(key, _)| *key).collect();
-        for ((_, entry), crm_id) in items.into_iter().zip(self.mapping.crm_ids_of(&keys)) {
+        for (entry, crm_id) in items.into_iter().zip(self.mapping.crm_ids_of(&keys)) {
             match crm_id {
                 Some(id) => by_record.push((id.as_u128(), Side::Outlook, entry)),
                 None => unmapped.push(entry),
